@@ -1,0 +1,72 @@
+"""Dense causal multi-head attention with RoPE and grouped-query attention.
+
+Backends (``attn_backend``): ``sdpa`` = torch.nn.functional.scaled_dot_product_attention (any device);
+``xformers`` = xformers.ops.memory_efficient_attention (CUDA only); ``auto`` = xformers on CUDA tensors when
+it is installed, SDPA otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerContext
+from .registry import MIXERS, ConfigError
+from .rope import RotaryEmbedding
+
+_HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(hd) + causal mask) v.
+
+    q: [B, T, H, hd]; k, v: [B, T, Hkv, hd] with H a multiple of Hkv -> [B, T, H, hd].
+    """
+    if backend == "auto":
+        backend = "xformers" if _HAS_XFORMERS and q.is_cuda else "sdpa"
+    if backend == "xformers":
+        if not q.is_cuda:
+            raise RuntimeError("attn_backend='xformers' needs CUDA tensors; use attn_backend='sdpa' or 'auto' on CPU")
+        import xformers.ops as xops
+
+        rep = q.shape[2] // k.shape[2]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        return xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask())
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.shape[2] != k.shape[2]
+    )
+    return y.transpose(1, 2)
+
+
+@MIXERS.register("dense")
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: Q, K, V and output projections of the model's ``proj`` kind."""
+
+    def __init__(self, ctx: LayerContext, *, attn_backend: Literal["auto", "sdpa", "xformers"] = "auto"):
+        super().__init__()
+        if attn_backend == "xformers" and not _HAS_XFORMERS:
+            raise ConfigError(
+                "mixer.attn_backend: 'xformers' was asked for but xformers is not installed "
+                "(pip install 'adaptive-compute[xformers]', CUDA only); allowed values: auto, sdpa, xformers"
+            )
+        self.n_heads, self.n_kv_heads, self.head_dim = ctx.n_heads, ctx.n_kv_heads, ctx.head_dim
+        self.attn_backend = attn_backend
+        d, hd = ctx.d_model, ctx.head_dim
+        self.q = ctx.make_proj(d, ctx.n_heads * hd, "qkv")
+        self.k = ctx.make_proj(d, ctx.n_kv_heads * hd, "qkv")
+        self.v = ctx.make_proj(d, ctx.n_kv_heads * hd, "qkv")
+        self.o = ctx.make_proj(ctx.n_heads * hd, d, "proj")
+        self.rope = RotaryEmbedding(hd, ctx.max_seq_len, ctx.rope_theta, ctx.rope_fraction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape  # [B, T, D]
+        q = self.rope(self.q(x).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, hd]
+        k = self.rope(self.k(x).view(B, T, self.n_kv_heads, self.head_dim))  # [B, T, Hkv, hd]
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim)
+        y = causal_attention(q, k, v, self.attn_backend)  # [B, T, H, hd]
+        return self.o(y.reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,33 @@
+import os
+
+# Must be set before triton is imported anywhere: kernels run in the Triton interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never touch the network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+def micro_overrides(tmp_path: Path, cache_dir: Path, **extra) -> list[str]:
+    """A model and run small enough for a test: 2 layers, d 32, T 32, batch 4."""
+    base = {
+        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.max_seq_len": 32,
+        "data.batch_size": 4, "data.val_batches": 2, "data.cache_dir": str(cache_dir),
+        "trainer.max_steps": 6, "trainer.log_every": 1, "trainer.val_every": 3, "trainer.ckpt_every": 3,
+        "trainer.out_dir": str(tmp_path / "runs"), "trainer.progress_bar": False, "trainer.sample_tokens": 0,
+        "optim.warmup_steps": 2,
+    }  # fmt: skip
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token cache for the whole session (tokenizing the corpus once)."""
+    return tmp_path_factory.mktemp("cache")

@@ -1,0 +1,1 @@
+"""train: Lightning pretraining, data, CLI (``python -m train ...``), evaluation and benchmarks."""

@@ -1,0 +1,131 @@
+"""Checkpoints: written atomically (temp file + rename), read without unpickling code (``weights_only=True``).
+
+Layout of a run directory ``runs/<config-name>/<timestamp>/``::
+
+    config.yaml                     the resolved config
+    checkpoints/step-000500.ckpt    Lightning checkpoints (model, optimizer, schedule, loop state)
+    model/                          model.safetensors + config.yaml, exported at the end of fit
+    tb/, csv/                       TensorBoard and CSV logs
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from arch.io import atomic_write
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt, or not one of ours."""
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """``torch.load(weights_only=True)`` with an error that says what is wrong instead of a deep stack trace."""
+    path = Path(path)
+    if path.is_dir():
+        path = latest_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint of this repo (no state_dict)")
+    return ckpt
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path:
+    """The newest ``step-*.ckpt`` in a run directory or its ``checkpoints/`` folder."""
+    path = Path(path)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted(folder.glob("step-*.ckpt"))
+    if not found:
+        raise CheckpointError(f"{path}: no step-*.ckpt checkpoint found")
+    return found[-1]
+
+
+class AtomicCheckpointIO(CheckpointIO):
+    """torch.save to a temp file beside the target, fsync, then rename: a crash never leaves half a checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+        return read_checkpoint(path, map_location or "cpu")
+
+    def remove_checkpoint(self, path) -> None:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+class PeriodicCheckpoint(L.Callback):
+    """Every ``every`` optimizer steps (and at the end) write ``step-NNNNNN.ckpt``, keeping the newest ``keep``.
+
+    Before writing, the module's non-finite-loss flag is checked: a NaN run stops *before* saving, so the
+    newest checkpoint on disk is always a good one.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, every: int, keep: int = 2):
+        self.dirpath, self.every, self.keep = Path(dirpath), every, keep
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.check_finite()
+        path = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
+        if path.exists():
+            return
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state, for resuming
+        if trainer.is_global_zero and self.keep >= 0:
+            for old in sorted(self.dirpath.glob("step-*.ckpt"))[: -self.keep]:
+                old.unlink()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0 and trainer.global_step > 0:
+            self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+
+def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "cpu"):
+    """(config, model) from a checkpoint file, a run directory (its newest checkpoint) or an exported model
+    directory (``model.safetensors`` + ``config.yaml``). ``overrides`` apply to the saved config, so e.g.
+    ``model.mixer.type=dhsa`` rebuilds the model with another mixer and loads the same weights."""
+    from arch import build_model
+    from arch.io import load_weights
+
+    from .config import load_config
+
+    target = Path(target)
+    if (target / "model.safetensors").is_file():
+        from omegaconf import OmegaConf
+
+        model_cfg = OmegaConf.to_container(OmegaConf.load(target / "config.yaml"))
+        cfg = load_config(None, overrides, base={"model": model_cfg, "name": target.name})
+        try:
+            model = load_weights(build_model(cfg["model"]), target / "model.safetensors", map_location)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        return cfg, model.eval()
+    ckpt = read_checkpoint(target, map_location)
+    try:
+        saved = ckpt["hyper_parameters"]["config"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{target}: checkpoint has no saved config (hyper_parameters.config)") from None
+    cfg = load_config(None, overrides, base=saved)
+    model = build_model(cfg["model"])
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{target}: weights do not fit the model of its config: {str(e).splitlines()[0]}") from None
+    return cfg, model.to(map_location).eval()

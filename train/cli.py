@@ -1,0 +1,81 @@
+"""``python -m train <command> ...``: fit, eval, sample, info, bench.
+
+    python -m train fit configs/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT]
+    python -m train eval <checkpoint | run dir> [dotted.key=value ...]
+    python -m train sample <checkpoint | run dir> [--prompt TEXT] [--tokens N]
+    python -m train info configs/gpt-tiny.yaml [dotted.key=value ...]
+    python -m train bench configs/gpt-tiny.yaml [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from arch.registry import ConfigError
+
+from .checkpoint import CheckpointError
+from .module import NonFiniteLossError
+
+
+def _add_target(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("target", help=what)
+    p.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value (OmegaConf dotlist)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="pretrain a model from a config")
+    _add_target(p, "config YAML")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (or run dir: its newest checkpoint)")
+
+    p = sub.add_parser("eval", help="validation loss and bits/byte of a checkpoint on the whole held-out split")
+    _add_target(p, "checkpoint file, run directory, or exported model directory")
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    _add_target(p, "checkpoint file, run directory, or exported model directory")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("info", help="resolved config, per-layer block table, parameters, FLOPs per token")
+    _add_target(p, "config YAML")
+
+    p = sub.add_parser("bench", help="Lightning vs bare PyTorch loop: tokens/s, step time, MFU, peak memory")
+    _add_target(p, "config YAML")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per loop")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            from .fit import fit
+
+            fit(args.target, args.overrides, resume=args.resume)
+        elif args.command == "eval":
+            from .evaluate import evaluate
+
+            evaluate(args.target, args.overrides)
+        elif args.command == "sample":
+            from .generate import sample_command
+
+            sample_command(args.target, args.overrides, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
+        elif args.command == "info":
+            from .info import info
+
+            info(args.target, args.overrides)
+        elif args.command == "bench":
+            from .bench import bench
+
+            bench(args.target, args.overrides, steps=args.steps, warmup=args.warmup)
+    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, CheckpointError, FileNotFoundError)) else 1
+    return 0

@@ -1,0 +1,142 @@
+"""Experiment configs: YAML files with top-level keys ``model``, ``data``, ``optim``, ``trainer``, ``seed``.
+
+* ``base: other.yaml`` (path relative to the file) makes a config extend another one; the child's keys
+  override the base's, recursively.
+* ``${...}`` interpolation is OmegaConf's (e.g. ``data.seq_len: ${model.max_seq_len}``).
+* Command-line overrides are OmegaConf dotlists: ``trainer.max_steps=100 model.mixer.type=dense``.
+
+``load_config`` merges and validates everything (model included) and returns a plain dict; nothing is
+written and nothing trains before the whole config has been checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from arch.config import to_plain
+from arch.registry import ConfigError, check_fields, fields_of_dataclass
+
+TOP_LEVEL = ("model", "data", "optim", "trainer", "seed", "name", "base")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: Any = "shakespeare"  # a data source spec: name or {type: name, ...} (see train.data.SOURCES)
+    tokenizer: str = "byte"  # "byte" (vocab 256, no download) or the path of a `tokenizers` JSON file
+    batch_size: int = 32
+    seq_len: Optional[int] = None  # None = model.max_seq_len
+    val_batches: Optional[int] = 50  # batches per periodic validation; None = the whole held-out split
+    cache_dir: str = "~/.cache/adaptive-compute"
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decays to this at trainer.max_steps
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    accelerator: str = "auto"
+    devices: Union[int, str] = 1
+    strategy: str = "auto"  # e.g. ddp (gloo on CPU, NCCL on GPU), fsdp
+    precision: Literal["32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32"
+    compile: bool = False
+    accumulate_grad_batches: int = 1
+    log_every: int = 10
+    val_every: int = 250
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2  # newest step checkpoints kept; -1 keeps all
+    out_dir: str = "runs"
+    progress_bar: bool = True
+    sample_tokens: int = 400  # sample printed at the end of `fit`; 0 disables
+    sample_prompt: str = "\n"
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+
+
+def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in chain:
+        raise ConfigError(f"{path}: 'base' chain loops: {' -> '.join(str(p) for p in chain + (path,))}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml errors come in several types
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    return OmegaConf.merge(_load_yaml(path.parent / str(base), chain + (path,)), cfg)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: Mapping | None = None) -> dict:
+    """Read ``path`` (following ``base:``), or start from ``base`` (e.g. a checkpoint's saved config), apply
+    dotlist ``overrides``, resolve interpolations and validate every section. Returns a plain dict."""
+    cfg = _load_yaml(Path(path)) if path is not None else OmegaConf.create(dict(base or {}))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. trainer.max_steps=100")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {e}") from None
+    if "name" not in plain:
+        plain["name"] = Path(path).stem if path is not None else "model"
+    return validate(plain)
+
+
+def validate(cfg: Mapping) -> dict:
+    """Check the whole experiment config (model included, built on the meta device). Returns it resolved."""
+    from arch import build_model
+
+    cfg = dict(to_plain(cfg))
+    unknown = [k for k in cfg if k not in TOP_LEVEL]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown top-level key; allowed keys: {', '.join(TOP_LEVEL)}")
+    if "model" not in cfg:
+        raise ConfigError("model: required key is missing")
+    for key, schema in SECTIONS.items():
+        cfg[key] = check_fields(cfg.get(key) or {}, fields_of_dataclass(schema), key)
+    cfg["seed"] = int(cfg.get("seed", 0))
+    from .data import SOURCES
+
+    cfg["data"]["source"] = SOURCES.build_spec(cfg["data"]["source"], "data.source")
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(cfg["model"])
+    cfg["model"] = dict(model.config)
+    if cfg["data"]["seq_len"] is None:
+        cfg["data"]["seq_len"] = cfg["model"]["max_seq_len"]
+    if cfg["data"]["seq_len"] > cfg["model"]["max_seq_len"]:
+        raise ConfigError(
+            f"data.seq_len: {cfg['data']['seq_len']} exceeds model.max_seq_len={cfg['model']['max_seq_len']}"
+        )
+    for key in ("max_steps", "log_every", "val_every", "ckpt_every", "accumulate_grad_batches"):
+        if cfg["trainer"][key] < 1:
+            raise ConfigError(f"trainer.{key}: must be >= 1, got {cfg['trainer'][key]}")
+    if cfg["trainer"]["keep_checkpoints"] == 0 or cfg["trainer"]["keep_checkpoints"] < -1:
+        raise ConfigError("trainer.keep_checkpoints: must be >= 1, or -1 to keep every checkpoint")
+    if cfg["data"]["batch_size"] < 1:
+        raise ConfigError(f"data.batch_size: must be >= 1, got {cfg['data']['batch_size']}")
+    if cfg["optim"]["warmup_steps"] < 0 or len(cfg["optim"]["betas"]) != 2:
+        raise ConfigError("optim: warmup_steps must be >= 0 and betas a list of two floats")
+    return cfg

@@ -1,0 +1,44 @@
+"""Sampling from a trained LM (``python -m train sample``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, ids: list[int], n_new: int, temperature: float = 0.8, top_k: int | None = None, seed: int = 0
+) -> list[int]:
+    """Append ``n_new`` sampled tokens to ``ids``; the context is cropped to the model's ``max_seq_len``."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = torch.tensor([ids], device=device)  # [1, T]
+    for _ in range(n_new):
+        logits = model(out[:, -model.max_seq_len :])[:, -1].float() / temperature  # [1, V]
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)  # [1, 1]
+        out = torch.cat([out, nxt], dim=1)
+    model.train(was_training)
+    return out[0].tolist()
+
+
+def generate_text(model: nn.Module, tokenizer, prompt: str, n_new: int, temperature: float = 0.8,
+                  top_k: int | None = None, seed: int = 0) -> str:  # fmt: skip
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id or 0]
+    return tokenizer.decode(generate(model, ids, n_new, temperature, top_k, seed))
+
+
+def sample_command(target, overrides, prompt, tokens, temperature, top_k, seed) -> None:
+    from .checkpoint import load_trained
+    from .data import build_tokenizer
+
+    cfg, model = load_trained(target, overrides)
+    print(f"sampling {tokens} tokens from {target} (temperature {temperature}, top-k {top_k}, seed {seed})")
+    print(generate_text(model, build_tokenizer(cfg["data"]["tokenizer"]), prompt, tokens, temperature, top_k, seed))

@@ -1,0 +1,124 @@
+"""The LightningModule for causal LM pretraining, and the optimizer/schedule it shares with the bare loop."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch import build_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training loss became NaN or inf."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; none on norms, biases (ndim < 2) or embeddings."""
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or id(p) in emb else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, optim: dict, max_steps: int) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at ``max_steps``."""
+    lr, min_lr, warm = optim["lr"], optim["min_lr"], optim["warmup_steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = min((step - warm) / max(max_steps - warm, 1), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: dict) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    o = cfg["optim"]
+    opt = torch.optim.AdamW(
+        param_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+        fused=False,
+    )  # fmt: skip
+    max_steps = cfg["trainer"]["max_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, max_steps) / o["lr"])
+    return opt, sched
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (nats per token) of a ``[B, T+1]`` batch."""
+    logits = model(batch[:, :-1])  # [B, T, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+class LMModule(L.LightningModule):
+    """Trains ``arch.build_model(cfg["model"])`` on next-token prediction.
+
+    Logged: train/loss, train/bpb, train/tokens_per_s, train/grad_norm, lr, val/loss, val/bpb.
+    A non-finite loss is recorded on device (no host sync per step) and raised as ``NonFiniteLossError`` at the
+    next log step or checkpoint, naming the first bad step, before anything is saved.
+    """
+
+    def __init__(self, config: dict, bytes_per_token: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters({"config": config, "bytes_per_token": bytes_per_token})
+        self.cfg = config
+        self.bytes_per_token = bytes_per_token
+        self.model = build_model(config["model"])
+        self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
+        self._fwd = None
+        self._t_last, self._tokens = None, 0
+
+    def configure_model(self) -> None:
+        if self.cfg["trainer"]["compile"] and self._fwd is None:
+            self._fwd = torch.compile(self.model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (self._fwd or self.model)(input_ids)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = lm_loss(self, batch)
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
+        self._tokens += batch[:, 1:].numel()
+        self.log("train/loss", loss, prog_bar=True)
+        if (self.global_step + 1) % self.cfg["trainer"]["log_every"] == 0:
+            self.check_finite()
+            self.log("train/bpb", loss.detach() / math.log(2) / self.bytes_per_token)
+            now = time.perf_counter()
+            if self._t_last is not None:
+                world = self.trainer.world_size if self._trainer is not None else 1
+                self.log("train/tokens_per_s", self._tokens * world / (now - self._t_last), prog_bar=True)
+            self._t_last, self._tokens = now, 0
+        return loss
+
+    def check_finite(self) -> None:
+        step = int(self.first_bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"training loss became NaN/inf at step {step}; stopped. Checkpoints written before it are intact "
+                "(lower optim.lr, raise optim.warmup_steps, or use trainer.precision=32)"
+            )
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss = lm_loss(self, batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
+        self.log("val/bpb", loss / math.log(2) / self.bytes_per_token, sync_dist=True, batch_size=batch.shape[0])
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = self.cfg["optim"]["grad_clip"]
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if (self.global_step + 1) % self.cfg["trainer"]["log_every"] == 0:
+            self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self.model, self.cfg)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._t_last, self._tokens = time.perf_counter(), 0
