@@ -7,6 +7,7 @@ uses comes from the config (see ``arch.config``), so one model can mix block typ
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,9 +24,10 @@ class Block(nn.Module):
         self.norm1, self.mixer = ctx.make_norm(ctx.d_model), mixer
         self.norm2, self.ffn = ctx.make_norm(ctx.d_model), ffn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+    def forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:  # [B, T, D]
+        """``route`` ([B, T]) forces the route of every token through a routed FFN (``arch.duo``)."""
         x = x + self.mixer(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        return x + (self.ffn(self.norm2(x)) if route is None else self.ffn(self.norm2(x), route=route))
 
 
 @MODELS.register("lm")
@@ -60,13 +62,15 @@ class CausalLM(nn.Module):
     def max_seq_len(self) -> int:
         return self.config["max_seq_len"]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, routes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``routes`` (LongTensor [n_layers, B, T], optional) forces every token's route in every layer's routed
+        FFN (``arch.duo``: SKIP=0, SMALL=1, BIG=2), e.g. for routing oracles."""
         T = input_ids.shape[1]  # input_ids: [B, T]
         if T > self.max_seq_len:
             raise ValueError(f"input has {T} tokens; this model's max_seq_len is {self.max_seq_len}")
         x = self.tok_emb(input_ids)  # [B, T, D]
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x) if routes is None else block(x, route=routes[i])
         return self.head(self.norm_f(x))  # [B, T, vocab]
 
     def layer_table(self) -> list[dict]:
