@@ -26,7 +26,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:  # [B, T, D]
         """``route`` ([B, T]) forces the route of every token through a routed FFN (``arch.duo``)."""
-        x = x + self.mixer(self.norm1(x))
+        return self.feed_forward(self.attend(x), route)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:  # the first half: x + mixer(norm1(x))
+        return x + self.mixer(self.norm1(x))
+
+    def feed_forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:  # x + ffn(norm2(x))
         return x + (self.ffn(self.norm2(x)) if route is None else self.ffn(self.norm2(x), route=route))
 
 

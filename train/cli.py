@@ -1,10 +1,11 @@
 """``python -m train <command> ...``: fit, eval, sample, info, bench.
 
-    python -m train fit configs/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT]
+    python -m train fit configs/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT | --init-from PATH]
     python -m train eval <checkpoint | run dir> [dotted.key=value ...]
     python -m train sample <checkpoint | run dir> [--prompt TEXT] [--tokens N]
     python -m train info configs/gpt-tiny.yaml [dotted.key=value ...]
     python -m train bench configs/gpt-tiny.yaml [--steps N]
+    python -m train oracle <checkpoint | run dir> [--budget K | --all-budgets] [--with-skip] [--batches N]
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="pretrain a model from a config")
     _add_target(p, "config YAML")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (or run dir: its newest checkpoint)")
+    p.add_argument("--init-from", metavar="PATH", help="start from the model weights of a checkpoint, run dir or "
+                   "exported model dir (exact match), with a fresh optimizer and schedule")
 
     p = sub.add_parser("eval", help="validation loss and bits/byte of a checkpoint on the whole held-out split")
     _add_target(p, "checkpoint file, run directory, or exported model directory")
@@ -49,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p, "config YAML")
     p.add_argument("--steps", type=int, default=40, help="timed steps per loop")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+
+    p = sub.add_parser("oracle", help="Duo-LLM routing oracles: per-token best routes, fixed and random baselines")
+    _add_target(p, "checkpoint file, run directory, or exported model directory of a duo model")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=int, default=None, help="only routes with exactly K big layers")
+    g.add_argument("--all-budgets", action="store_true", help="every route, reported per budget K = 0..L (default)")
+    p.add_argument("--with-skip", action="store_true", help="route space big/skip instead of big/small")
+    p.add_argument("--batches", type=int, default=8, help="held-out batches (data.batch_size x data.seq_len tokens)")
+    p.add_argument("--out", default=None, help="output folder (default: <run dir>/oracle)")
+    p.add_argument("--chunk", type=int, default=16, help="route prefixes per batched module call")
     return parser
 
 
@@ -63,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             from .fit import fit
 
-            fit(args.target, args.overrides, resume=args.resume)
+            fit(args.target, args.overrides, resume=args.resume, init_from=args.init_from)
         elif args.command == "eval":
             from .evaluate import evaluate
 
@@ -80,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
 
             bench(args.target, args.overrides, steps=args.steps, warmup=args.warmup)
+        elif args.command == "oracle":
+            from .oracle import oracle
+
+            oracle(args.target, args.overrides, budget=args.budget, with_skip=args.with_skip, batches=args.batches,
+                   out_dir=args.out, chunk=args.chunk)  # fmt: skip
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, CheckpointError, FileNotFoundError)) else 1

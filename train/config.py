@@ -44,6 +44,11 @@ class OptimConfig:
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Duo-LLM routers (model.ffn.type: duo, routing: router); see train.duo
+    router_budget: float = 0.5  # target mean P(big) over layers and tokens
+    router_aux_weight: float = 1.0  # α in CE + α·(mean P_big − budget)²
+    router_inv_temp: list[float] = dataclasses.field(default_factory=lambda: [1.0, 10.0])  # β from, to (geometric)
+    freeze_backbone: bool = False  # train only the Duo routers (stage 3 on a frozen stage-1 model)
 
 
 @dataclasses.dataclass
@@ -137,6 +142,9 @@ def validate(cfg: Mapping) -> dict:
         raise ConfigError("trainer.keep_checkpoints: must be >= 1, or -1 to keep every checkpoint")
     if cfg["data"]["batch_size"] < 1:
         raise ConfigError(f"data.batch_size: must be >= 1, got {cfg['data']['batch_size']}")
+    beta = cfg["optim"]["router_inv_temp"]
+    if len(beta) != 2 or min(beta) <= 0:
+        raise ConfigError(f"optim.router_inv_temp: expected [from, to], both > 0, got {beta}")
     if cfg["optim"]["warmup_steps"] < 0 or len(cfg["optim"]["betas"]) != 2:
         raise ConfigError("optim: warmup_steps must be >= 0 and betas a list of two floats")
     return cfg

@@ -75,18 +75,36 @@ def build_trainer(cfg: dict, run_dir: Path, callbacks=(), loggers: bool = True) 
     )  # fmt: skip
 
 
-def fit(config_path: str, overrides=(), resume: str | None = None) -> dict:
-    """Train; returns {"run_dir", "val_loss", "val_bpb"}. Everything is validated before anything is written."""
+def fit(config_path: str, overrides=(), resume: str | None = None, init_from: str | None = None) -> dict:
+    """Train; returns {"run_dir", "val_loss", "val_bpb"}. Everything is validated before anything is written.
+
+    ``init_from``: a checkpoint, run dir or exported model dir whose model weights (exactly matching this
+    config's model) start the run; optimizer, schedule and step start fresh (e.g. Duo stage 3 from stage 1)."""
     launched = RUN_DIR_ENV in os.environ  # set: we are a process that `strategy=ddp` launched
     try:
-        return _fit(config_path, overrides, resume)
+        return _fit(config_path, overrides, resume, init_from)
     finally:
         if not launched:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-def _fit(config_path: str, overrides, resume: str | None) -> dict:
+def init_weights_from(model: torch.nn.Module, source: str) -> None:
+    """Copy the weights of a trained model (checkpoint, run dir or export) into ``model``; every tensor must match."""
+    from .checkpoint import load_trained
+
+    _, src = load_trained(source)
+    try:
+        model.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        raise CheckpointError(f"--init-from {source}: weights do not fit this config's model: "
+                              f"{str(e).splitlines()[0]}") from None  # fmt: skip
+
+
+def _fit(config_path: str, overrides, resume: str | None, init_from: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)
+    if resume and init_from:
+        raise CheckpointError("--resume and --init-from exclude each other: resume continues a run, "
+                              "init-from starts a new one from trained weights")  # fmt: skip
     ckpt_path = None
     if resume:
         ckpt_path = latest_checkpoint(resume) if Path(resume).is_dir() else Path(resume)
@@ -99,6 +117,8 @@ def _fit(config_path: str, overrides, resume: str | None) -> dict:
     data = LMDataModule(cfg)
     data.setup()
     module = LMModule(cfg, data.bytes_per_token)
+    if init_from:
+        init_weights_from(module.model, init_from)
     n_params = sum(p.numel() for p in module.model.parameters())
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +128,8 @@ def _fit(config_path: str, overrides, resume: str | None) -> dict:
             f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {ntr / 1e6:.2f}M training tokens, "
             f"{cfg['trainer']['max_steps']} steps of {cfg['data']['batch_size']}x{cfg['data']['seq_len']} tokens\n"
             f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)"
-            + (f"\n  resuming from {ckpt_path}" if ckpt_path else ""),
+            + (f"\n  resuming from {ckpt_path}" if ckpt_path else "")
+            + (f"\n  weights initialised from {init_from} (fresh optimizer and schedule)" if init_from else ""),
             flush=True,
         )
     trainer = build_trainer(cfg, run_dir)

@@ -12,6 +12,8 @@ from torch import nn
 
 from arch import build_model
 
+from .duo import DuoHooks, freeze_backbone
+
 
 class NonFiniteLossError(RuntimeError):
     """Training loss became NaN or inf."""
@@ -58,7 +60,9 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 class LMModule(L.LightningModule):
     """Trains ``arch.build_model(cfg["model"])`` on next-token prediction.
 
-    Logged: train/loss, train/bpb, train/tokens_per_s, train/grad_norm, lr, val/loss, val/bpb.
+    Logged: train/loss, train/bpb, train/tokens_per_s, train/grad_norm, lr, val/loss, val/bpb; with Duo FFN layers
+    also duo/layer{i}/{skip,small,big} (route fractions) and, with routers, train/router_aux and
+    duo/router_inv_temp. The loss minimised is train/loss (CE) + train/router_aux (``train.duo``).
     A non-finite loss is recorded on device (no host sync per step) and raised as ``NonFiniteLossError`` at the
     next log step or checkpoint, naming the first bad step, before anything is saved.
     """
@@ -69,6 +73,9 @@ class LMModule(L.LightningModule):
         self.cfg = config
         self.bytes_per_token = bytes_per_token
         self.model = build_model(config["model"])
+        self.duo = DuoHooks(self.model, config)
+        if config["optim"]["freeze_backbone"]:
+            freeze_backbone(self.model)
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
         self._fwd = None
         self._t_last, self._tokens = None, 0
@@ -81,7 +88,11 @@ class LMModule(L.LightningModule):
         return (self._fwd or self.model)(input_ids)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if self.duo:
+            self.duo.before_batch(self.global_step, batch_idx % self.cfg["trainer"]["accumulate_grad_batches"], rank)
         loss = lm_loss(self, batch)
+        aux = self.duo.aux_loss() if self.duo else None
         bad = ~torch.isfinite(loss.detach())
         self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
         self._tokens += batch[:, 1:].numel()
@@ -89,11 +100,16 @@ class LMModule(L.LightningModule):
         if (self.global_step + 1) % self.cfg["trainer"]["log_every"] == 0:
             self.check_finite()
             self.log("train/bpb", loss.detach() / math.log(2) / self.bytes_per_token)
+            if self.duo:
+                self.log_dict(self.duo.stats())
             now = time.perf_counter()
             if self._t_last is not None:
                 world = self.trainer.world_size if self._trainer is not None else 1
                 self.log("train/tokens_per_s", self._tokens * world / (now - self._t_last), prog_bar=True)
             self._t_last, self._tokens = now, 0
+        if aux is not None:
+            self.log("train/router_aux", aux.detach())
+            return loss + aux
         return loss
 
     def check_finite(self) -> None:
@@ -103,6 +119,10 @@ class LMModule(L.LightningModule):
                 f"training loss became NaN/inf at step {step}; stopped. Checkpoints written before it are intact "
                 "(lower optim.lr, raise optim.warmup_steps, or use trainer.precision=32)"
             )
+
+    def on_validation_epoch_start(self) -> None:
+        if self.duo:
+            self.duo.before_validation(self.global_step, self.trainer.global_rank if self._trainer is not None else 0)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = lm_loss(self, batch)

@@ -1,0 +1,244 @@
+"""``python -m train oracle``: Duo-LLM routing oracles (Alizadeh et al. 2024, arXiv 2410.10846, Sec. 4).
+
+For every route r in a route space (one choice per layer: small/big, or skip/big with ``--with-skip``), the whole
+held-out sequence runs on r and the per-token loss ℓ_t(r) is recorded. Per budget K (exactly K big layers):
+
+* fixed    = min_r mean_t ℓ_t(r)                        (the best single route for all tokens)
+* random   = best of 100 draws of a random route per token, mean_t ℓ_t(r_t)
+* oracle   = mean_t min_r ℓ_t(r)                        (each token takes its own best route)
+
+plus all-small, all-big and the model's own router (hard argmax; if the checkpoint has one) at the budget it
+spends. Token difficulty = ℓ_t(all-small) − ℓ_t(oracle over the whole space).
+
+Route enumeration shares work (``route_losses``): the hidden state after layer j depends only on the routes of
+layers <= j, so the route tree is evaluated level by level: each distinct prefix runs layer j's mixer once, and
+each child extends it with one FFN choice; every level is batched over prefixes. At L = 8 over the full space this
+runs 255 mixers and 510 FFNs instead of 2048 of each (``python -m train.bench_duo`` times both).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from arch.duo import BIG, ROUTE_NAMES, SKIP, SMALL, DuoFFN
+
+from .checkpoint import load_trained
+from .data import LMDataModule
+
+
+def route_space(n_layers: int, low: int = SMALL, budget: Optional[int] = None) -> torch.Tensor:
+    """Every route with one of (``low``, BIG) per layer, or only those with exactly ``budget`` big layers:
+    LongTensor [R, n_layers], in lexicographic order."""
+    routes = torch.tensor(list(itertools.product((low, BIG), repeat=n_layers)), dtype=torch.long)
+    if budget is not None:
+        routes = routes[(routes == BIG).sum(1) == budget]
+    return routes
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # [..., T, V], [..., T] -> [..., T]
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def _chunked(fn: Callable, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fn over x[i : i + chunk] along dim 0 (prefixes), concatenated: bounds the memory of one call."""
+    return torch.cat([fn(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
+@torch.no_grad()
+def route_losses_naive(model, batch: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    """ℓ_t(r) by one full forward pass per route: [R, B, T] for a [B, T+1] batch and routes [R, L]."""
+    ids, targets = batch[:, :-1], batch[:, 1:]
+    return torch.stack([token_losses(model(ids, routes=r[:, None, None].expand(-1, *ids.shape)), targets)
+                        for r in routes])  # fmt: skip
+
+
+@torch.no_grad()
+def route_losses(model, batch: torch.Tensor, routes: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """ℓ_t(r) for every route, by prefix sharing: [R, B, T] for a [B, T+1] batch and routes [R, L].
+
+    Level j holds one hidden state per distinct route prefix of length j (``states`` [P_j, B, T, D]); layer j's
+    mixer runs once per prefix, then each distinct child (prefix, route of layer j) adds its FFN choice, computed
+    for all children with that choice in one batched call. ``chunk`` prefixes go through a module at a time.
+    """
+    ids, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
+    B, T = ids.shape
+    states = model.tok_emb(ids)[None]  # [1, B, T, D]: the empty prefix
+    parent = torch.zeros(len(routes), dtype=torch.long)  # [R] index of each route's prefix in `states`
+    for j, block in enumerate(model.blocks):
+        mid = _chunked(lambda s: block.attend(s.flatten(0, 1)).view_as(s), states, chunk)  # [P_j, B, T, D]
+        # distinct children (prefix, choice at layer j) and each route's child
+        children, child_of_route = torch.unique(torch.stack([parent, routes[:, j]], 1), dim=0, return_inverse=True)
+        new_states = mid.new_empty(len(children), *mid.shape[1:])  # [P_{j+1}, B, T, D]
+        for choice in children[:, 1].unique().tolist():
+            sel = (children[:, 1] == choice).nonzero().squeeze(1)  # children taking `choice` at layer j
+            x = mid[children[sel, 0]]  # [n, B, T, D]
+            def ffn(s: torch.Tensor, block=block, choice=choice) -> torch.Tensor:  # [n, B, T, D], all on `choice`
+                route = torch.full((s.shape[0] * B, T), choice, device=s.device)  # [n*B, T]
+                return block.feed_forward(s.flatten(0, 1), route=route).view_as(s)
+            new_states[sel] = _chunked(ffn, x, chunk)
+        states, parent = new_states, child_of_route
+    logits = lambda s: model.head(model.norm_f(s))  # noqa: E731
+    losses = _chunked(lambda s: token_losses(logits(s), targets.expand(len(s), B, T)), states, chunk)  # [P_L, B, T]
+    return losses[parent]  # [R, B, T]
+
+
+def best_of_random(losses: torch.Tensor, n_draws: int = 100, seed: int = 0) -> float:
+    """Best (lowest) mean loss of ``n_draws`` draws that give every token its own uniformly random route
+    (``losses`` [R, N]); the paper's best-of-100 random baseline."""
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.arange(losses.shape[1])
+    return min(losses[torch.randint(len(losses), (losses.shape[1],), generator=g), cols].mean().item()
+               for _ in range(n_draws))  # fmt: skip
+
+
+def summarise(losses: torch.Tensor, routes: torch.Tensor, budgets: list[int]) -> list[dict]:
+    """Per budget K: fixed, best-of-100 random and oracle mean losses over the routes with K big layers, the best
+    fixed route, and how often the oracle's route uses the big module in each layer. ``losses`` [R, N]."""
+    rows = []
+    n_big = (routes == BIG).sum(1)  # [R]
+    for k in budgets:
+        sel = (n_big == k).nonzero().squeeze(1)
+        lk = losses[sel]  # [R_k, N]
+        mean = lk.mean(1)  # [R_k]
+        best_per_token = lk.argmin(0)  # [N]
+        oracle_routes = routes[sel][best_per_token]  # [N, L]
+        rows.append({
+            "budget": k, "n_routes": len(sel),
+            "fixed_loss": mean.min().item(), "fixed_route": routes[sel[mean.argmin()]].tolist(),
+            "random100_loss": best_of_random(lk, seed=k),
+            "oracle_loss": lk.min(0).values.mean().item(),
+            "oracle_big_fraction": (oracle_routes == BIG).float().mean(0).tolist(),  # [L]
+        })  # fmt: skip
+    return rows
+
+
+def route_str(route: list[int]) -> str:
+    return "".join("SsB"[r] for r in route)  # S = skip, s = small, B = big, layer 0 first
+
+
+def show_in_context(tokenizer, window: torch.Tensor, t: int, width: int = 60) -> str:
+    """The text before target token t of a [T+1] window, then the token in [[ ]]."""
+    before = tokenizer.decode(window[max(0, t + 1 - width) : t + 1].tolist())
+    return (before + "[[" + tokenizer.decode(window[t + 1 : t + 2].tolist()) + "]]").replace("\n", "⏎")
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, L = result["per_budget"], result["n_layers"]
+    ks = [r["budget"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, label, style in (("oracle_loss", "oracle (per token)", "o-"), ("fixed_loss", "best fixed route", "s-"),
+                              ("random100_loss", "best of 100 random", "^-")):  # fmt: skip
+        ax.plot(ks, [math.exp(r[key]) for r in rows], style, label=label)
+    ax.axhline(result["all_small_ppl"], color="gray", ls=":", label="all small")
+    ax.axhline(result["all_big_ppl"], color="k", ls="--", label="all big")
+    if result["router"]:
+        ax.plot([result["router"]["mean_big_layers"]], [result["router"]["ppl"]], "r*", ms=14, label="router")
+    ax.set(xlabel=f"budget: big layers of {L}", ylabel="perplexity (held-out)", yscale="log",
+           title=f"Duo routing oracles ({result['route_space']})")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out / "ppl_vs_budget.png"]
+    fig.savefig(paths[0], dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    heat = torch.tensor([r["oracle_big_fraction"] for r in rows]).T  # [L, budgets]
+    im = ax.imshow(heat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
+                   extent=(ks[0] - 0.5, ks[-1] + 0.5, -0.5, L - 0.5))  # fmt: skip
+    ax.set(xlabel="budget K (big layers)", ylabel="layer", title="how often the oracle routes a token big")
+    fig.colorbar(im, ax=ax, label="fraction of tokens")
+    fig.tight_layout()
+    paths.append(out / "oracle_big_heatmap.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close("all")
+    return paths
+
+
+@torch.no_grad()
+def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: bool = False, batches: int = 8,
+           out_dir: Optional[str] = None, chunk: int = 16, n_difficult: int = 12) -> dict:  # fmt: skip
+    """Run the oracle study on a duo checkpoint; print the table, write oracle.json and two PNGs."""
+    from .data import build_tokenizer
+
+    cfg, model = load_trained(target, overrides)
+    duo = [m for m in model.modules() if isinstance(m, DuoFFN)]
+    L = len(model.blocks)
+    if len(duo) != L:
+        raise ValueError(f"{target}: the oracle needs a duo FFN in every layer ({len(duo)} of {L} layers have one)")
+    low = SKIP if with_skip else SMALL
+    space = f"{ROUTE_NAMES[low]}/big"
+    routes = route_space(L, low, budget)
+    budgets = list(range(L + 1)) if budget is None else [budget]
+    out = Path(out_dir) if out_dir else (Path(target) if Path(target).is_dir() else Path(target).parent.parent) / "oracle"
+    data = LMDataModule(cfg, full_validation=True)
+    data.setup()
+    windows = list(itertools.islice(iter(data.val_dataloader()), batches))  # [B, T+1] each
+    n_tok = sum(w[:, 1:].numel() for w in windows)
+    print(f"oracle {target}: {L} layers, {space} routes ({len(routes)} routes, budgets {budgets[0]}-{budgets[-1]}), "
+          f"{len(windows)} held-out batches = {n_tok} tokens; prefix-sharing route tree, {chunk} prefixes per call\n"
+          f"  writing {out}/ (oracle.json, ppl_vs_budget.png, oracle_big_heatmap.png)", flush=True)  # fmt: skip
+    has_router = all(m.routing == "router" for m in duo)
+    all_small, all_big = route_space(L, SMALL, 0), route_space(L, SMALL, L)  # [1, L] each
+    losses, small, big, router, router_big = [], [], [], [], []
+    for i, w in enumerate(windows):
+        losses.append(route_losses(model, w, routes, chunk).flatten(1))  # [R, B*T]
+        small.append(route_losses_naive(model, w, all_small)[0].flatten())  # [B*T]
+        big.append(route_losses_naive(model, w, all_big)[0].flatten())
+        if has_router:
+            router.append(token_losses(model(w[:, :-1]), w[:, 1:]).flatten())  # eval: hard argmax routes
+            router_big.append(sum(m.route_fraction[BIG].item() for m in duo))
+        print(f"  batch {i + 1}/{len(windows)}", flush=True)
+    losses, small, big = torch.cat(losses, 1), torch.cat(small), torch.cat(big)  # [R, N], [N], [N]
+    result = {
+        "checkpoint": str(target), "route_space": space, "n_layers": L, "tokens": n_tok, "n_routes": len(routes),
+        "all_small_ppl": math.exp(small.mean().item()), "all_big_ppl": math.exp(big.mean().item()),
+        "per_budget": summarise(losses, routes, budgets),
+        "router": {"ppl": math.exp(torch.cat(router).mean().item()),
+                   "mean_big_layers": sum(router_big) / len(router_big)} if has_router else None,
+    }  # fmt: skip
+    for r in result["per_budget"]:
+        r.update({k.replace("_loss", "_ppl"): math.exp(r[k]) for k in ("fixed_loss", "random100_loss", "oracle_loss")})
+
+    # token difficulty: loss(all small) - loss(oracle over the whole evaluated space)
+    oracle_loss = losses.min(0).values  # [N]
+    difficulty = small - oracle_loss
+    tok = build_tokenizer(cfg["data"]["tokenizer"])
+    T = windows[0].shape[1] - 1
+    flat_windows = torch.cat([w for w in windows])  # [n_windows, T+1]
+    result["difficult_tokens"] = [
+        {"difficulty": difficulty[n].item(), "loss_all_small": small[n].item(), "loss_oracle": oracle_loss[n].item(),
+         "oracle_route": route_str(routes[losses[:, n].argmin()].tolist()),
+         "in_context": show_in_context(tok, flat_windows[n // T], n % T)}
+        for n in difficulty.topk(min(n_difficult, len(difficulty))).indices.tolist()
+    ]  # fmt: skip
+
+    # report
+    print(f"\nall small: ppl {result['all_small_ppl']:.3f} | all big: ppl {result['all_big_ppl']:.3f}"
+          + (f" | router: ppl {result['router']['ppl']:.3f} at {result['router']['mean_big_layers']:.2f} big layers "
+             "on average" if has_router else ""))  # fmt: skip
+    print(f"\n| big layers K | routes | best fixed (route) | best of 100 random | oracle |\n|---:|---:|---|---:|---:|")
+    for r in result["per_budget"]:
+        print(f"| {r['budget']} | {r['n_routes']} | {r['fixed_ppl']:.3f} ({route_str(r['fixed_route'])}) | "
+              f"{r['random100_ppl']:.3f} | {r['oracle_ppl']:.3f} |")  # fmt: skip
+    print("\n(routes: layer 0 first; s = small, S = skip, B = big)\n\noracle: fraction of tokens routed big, layer x budget")
+    print("layer " + " ".join(f"K={r['budget']:<3}" for r in result["per_budget"]))
+    for j in range(L):
+        print(f"{j:>5} " + " ".join(f"{r['oracle_big_fraction'][j]:5.2f}" for r in result["per_budget"]))
+    print(f"\nmost difficult tokens (loss all-small - loss oracle), target in [[ ]]:")
+    for d in result["difficult_tokens"]:
+        print(f"  {d['difficulty']:6.2f}  {d['oracle_route']}  …{d['in_context']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oracle.json").write_text(json.dumps(result, indent=1))
+    paths = plot(result, out)
+    print(f"\nwrote {out / 'oracle.json'}, " + ", ".join(str(p) for p in paths))
+    return result
