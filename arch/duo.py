@@ -12,8 +12,8 @@ Routes are coded ``SKIP=0, SMALL=1, BIG=2``. Routing modes (``routing:``):
   argmax route at inference. SKIP is a router choice only with ``router_skip: true``.
 * forced     — ``forward(x, route=LongTensor[B, T])`` (the oracles) overrides the mode.
 
-Hard routing computes only the chosen module for each token: tokens are grouped by route, gathered, computed
-and scattered back, so compute follows the route (``python -m train.bench_duo`` measures it).
+Hard routing computes only the chosen module for each token: tokens are grouped by route (one stable sort),
+gathered, computed and scattered back (a permutation, whose gradient is the inverse permutation), so compute follows the route (``python -m train.bench_duo`` measures it).
 
 Attributes written during ``forward`` (read by ``train/`` for the router loss and TensorBoard):
 
@@ -124,11 +124,36 @@ class DuoFFN(nn.Module):
         flat_x, flat_r = x.flatten(0, 1), route.flatten()  # [N, D], [N]
         counts = torch.bincount(flat_r, minlength=len(ROUTE_NAMES))  # [3]
         self.route_fraction = counts.float() / flat_r.numel()
-        out = torch.zeros_like(flat_x)  # SKIP rows stay exactly zero
-        for r, ffn in ((SMALL, self.small), (BIG, self.big)):
-            idx = (flat_r == r).nonzero().squeeze(1)  # [N_r] tokens on route r
-            if len(idx) == len(flat_r):
-                return ffn(x)  # every token on this route: no gather/scatter
-            if len(idx):
-                out = out.index_copy(0, idx, ffn(flat_x.index_select(0, idx)))  # gather, compute, scatter
-        return out.view_as(x)
+        n_skip, n_small, n_big = counts.tolist()
+        if n_skip == len(flat_r):
+            return torch.zeros_like(x)
+        if n_small == len(flat_r) or n_big == len(flat_r):  # every token on one module: no gather/scatter
+            return (self.small if n_small else self.big)(x)
+        order = flat_r.argsort(stable=True)  # token indices grouped by route: SKIP, then SMALL, then BIG
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        xs = permute_rows(flat_x, order, inverse)  # [N, D] gathered
+        ys = [xs.new_zeros(n_skip, xs.shape[1])]  # SKIP: exactly zero, nothing computed
+        ys += [self.small(xs[n_skip : n_skip + n_small])] if n_small else []
+        ys += [self.big(xs[n_skip + n_small :])] if n_big else []
+        ys = torch.cat(ys)  # [N, D] in route order
+        return permute_rows(ys, inverse, order).view_as(x)  # scattered back
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` whose gradient is the gather ``grad[inverse]``, not a scatter-add (slow on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [N, D] in the order ``perm`` (a permutation of N; ``inverse`` its inverse)."""
+    return _PermuteRows.apply(x, perm, inverse)

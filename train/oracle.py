@@ -152,7 +152,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     paths = [out / "ppl_vs_budget.png"]
     fig.savefig(paths[0], dpi=120)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    heat = torch.tensor([r["oracle_big_fraction"] for r in rows]).T  # [L, budgets]
+    heat = torch.tensor([r["oracle_big_fraction"] for r in rows]).T.numpy()  # [L, budgets]
     im = ax.imshow(heat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
                    extent=(ks[0] - 0.5, ks[-1] + 0.5, -0.5, L - 0.5))  # fmt: skip
     ax.set(xlabel="budget K (big layers)", ylabel="layer", title="how often the oracle routes a token big")
