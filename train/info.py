@@ -44,4 +44,6 @@ def info(config_path: str, overrides=()) -> dict:
     print(f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M), non-embedding {params['non_embedding']:,}")
     print(f"FLOPs per token at T={cfg['data']['seq_len']}: forward {flops / 1e6:.2f} MFLOP, "
           f"training (fwd+bwd = 3x fwd) {3 * flops / 1e6:.2f} MFLOP")  # fmt: skip
+    if any(r["ffn"]["type"] == "duo" for r in rows):
+        print("  (duo FFN layers counted with every token routed big: an upper bound)")
     return {"params": params, "forward_flops_per_token": flops}

@@ -122,3 +122,10 @@ def test_init_from_a_model_of_another_shape_is_a_clear_error(stage1, tmp_path, c
     assert main(["fit", DUO, *over, "--init-from", str(stage1)]) == 2
     assert "weights do not fit this config's model" in capsys.readouterr().err
     assert main(["fit", DUO, *over, "--init-from", str(stage1), "--resume", str(stage1)]) == 2
+
+
+def test_paper_config_has_the_papers_shape_and_about_1_4b_parameters(capsys):
+    assert main(["info", str(CONFIGS / "duo-paper.yaml"), "data.seq_len=64"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 1,399," in out  # 12 x (attention 26.2M + big 78.6M + small 4.9M) + 81.9M embedding
+    assert "duo d_ff=10240,small_ratio=16" in out and "an upper bound" in out
