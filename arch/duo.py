@@ -13,7 +13,8 @@ Routes are coded ``SKIP=0, SMALL=1, BIG=2``. Routing modes (``routing:``):
 * forced     — ``forward(x, route=LongTensor[B, T])`` (the oracles) overrides the mode.
 
 Hard routing computes only the chosen module for each token: tokens are grouped by route (one stable sort),
-gathered, computed and scattered back (a permutation, whose gradient is the inverse permutation), so compute follows the route (``python -m train.bench_duo`` measures it).
+gathered, computed and scattered back (a permutation, whose gradient is the inverse permutation), so compute
+follows the route (``python -m train.bench_duo`` measures it).
 
 Attributes written during ``forward`` (read by ``train/`` for the router loss and TensorBoard):
 
@@ -73,11 +74,13 @@ class DuoFFN(nn.Module):
         self.fixed_route = ROUTE_NAMES.index(fixed_routes[ctx.layer_idx]) if routing == "fixed" else None
         self.big = MLP(ctx, d_ff=d_ff)  # [B, T, D] -> [B, T, D]
         self.small = MLP(ctx, d_ff=d_ff // small_ratio)
-        # Every duo layer has a router (used only by routing 'router'), so checkpoints of all modes share weights:
-        # a stage-1 (random) checkpoint initialises a stage-3 (router) model exactly. Zero init: uniform routes.
+        # Every duo layer has a router (trained and used only by routing 'router'), so checkpoints of all modes
+        # share weights: a stage-1 (random) checkpoint initialises a stage-3 (router) model exactly.
+        # Zero init: uniform routes.
         self.router = nn.Linear(ctx.d_model, len(ROUTE_NAMES))
         nn.init.zeros_(self.router.weight)
         nn.init.zeros_(self.router.bias)
+        self.router.requires_grad_(routing == "router")  # unused otherwise: no gradient expected (DDP)
         self.router_inv_temp = 1.0
         self.generator = torch.Generator().manual_seed(ctx.layer_idx)
         self.route_fraction: Optional[torch.Tensor] = None

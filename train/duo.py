@@ -70,7 +70,7 @@ class DuoHooks:
             layer.router_inv_temp = inv_temp_at(step, self.optim, self.max_steps)
 
     def aux_loss(self) -> torch.Tensor | None:
-        """α · (mean over router layers of P_big − budget)², from the last forward pass; None without soft routers."""
+        """α · (mean over router layers of P_big − budget)² of the last forward pass; None without soft routers."""
         p_big = [layer.p_big for layer in self.layers if layer.p_big is not None]
         if not p_big:
             return None

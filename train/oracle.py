@@ -134,6 +134,7 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows, L = result["per_budget"], result["n_layers"]
     ks = [r["budget"] for r in rows]
@@ -145,8 +146,10 @@ def plot(result: dict, out: Path) -> list[Path]:
     ax.axhline(result["all_big_ppl"], color="k", ls="--", label="all big")
     if result["router"]:
         ax.plot([result["router"]["mean_big_layers"]], [result["router"]["ppl"]], "r*", ms=14, label="router")
-    ax.set(xlabel=f"budget: big layers of {L}", ylabel="perplexity (held-out)", yscale="log",
+    ax.set(xlabel=f"budget: big layers of {L}", ylabel="perplexity (held-out, log scale)", yscale="log",
            title=f"Duo routing oracles ({result['route_space']})")  # fmt: skip
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths = [out / "ppl_vs_budget.png"]
@@ -179,7 +182,8 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     space = f"{ROUTE_NAMES[low]}/big"
     routes = route_space(L, low, budget)
     budgets = list(range(L + 1)) if budget is None else [budget]
-    out = Path(out_dir) if out_dir else (Path(target) if Path(target).is_dir() else Path(target).parent.parent) / "oracle"
+    run_dir = Path(target) if Path(target).is_dir() else Path(target).parent.parent  # a checkpoint's run dir
+    out = Path(out_dir) if out_dir else run_dir / "oracle"
     data = LMDataModule(cfg, full_validation=True)
     data.setup()
     windows = list(itertools.islice(iter(data.val_dataloader()), batches))  # [B, T+1] each
@@ -230,7 +234,8 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     for r in result["per_budget"]:
         print(f"| {r['budget']} | {r['n_routes']} | {r['fixed_ppl']:.3f} ({route_str(r['fixed_route'])}) | "
               f"{r['random100_ppl']:.3f} | {r['oracle_ppl']:.3f} |")  # fmt: skip
-    print("\n(routes: layer 0 first; s = small, S = skip, B = big)\n\noracle: fraction of tokens routed big, layer x budget")
+    print("\n(routes: layer 0 first; s = small, S = skip, B = big)")
+    print("\noracle: fraction of tokens routed big, layer x budget")
     print("layer " + " ".join(f"K={r['budget']:<3}" for r in result["per_budget"]))
     for j in range(L):
         print(f"{j:>5} " + " ".join(f"{r['oracle_big_fraction'][j]:5.2f}" for r in result["per_budget"]))

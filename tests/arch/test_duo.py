@@ -167,7 +167,7 @@ def test_checkpoints_of_every_mode_share_weights():
         ({"p_big": 0.7, "p_skip": 0.4}, "p_big + p_skip <= 1"),
         ({"routing": "fixed"}, "fixed_routes: routing 'fixed' needs one route per layer (2 of"),
         ({"routing": "fixed", "fixed_routes": ["big"]}, "needs one route per layer"),
-        ({"routing": "fixed", "fixed_routes": ["big", "huge"]}, "model.ffn.fixed_routes: ['big', 'huge'] is not allowed"),
+        ({"routing": "fixed", "fixed_routes": ["big", "huge"]}, "fixed_routes: ['big', 'huge'] is not allowed"),
         ({"fixed_routes": ["big", "big"]}, "only used with routing 'fixed'"),
         ({"routing": "learned"}, "model.ffn.routing: 'learned' is not allowed; allowed values: 'random'"),
         ({"p_bigg": 0.5}, "model.ffn.p_bigg: unknown key"),
