@@ -70,7 +70,7 @@ class DuoFFN(nn.Module):
                               f"({ctx.n_layers} of skip | small | big), got {fixed_routes!r}")  # fmt: skip
         if routing != "fixed" and fixed_routes is not None:
             raise ConfigError(f"{where}.fixed_routes: only used with routing 'fixed' (routing is {routing!r})")
-        self.routing, self.p_big_prob, self.p_skip, self.router_skip = routing, p_big, p_skip, router_skip
+        self.routing, self.p_big_random, self.p_skip_random, self.router_skip = routing, p_big, p_skip, router_skip
         self.fixed_route = ROUTE_NAMES.index(fixed_routes[ctx.layer_idx]) if routing == "fixed" else None
         self.big = MLP(ctx, d_ff=d_ff)  # [B, T, D] -> [B, T, D]
         self.small = MLP(ctx, d_ff=d_ff // small_ratio)
@@ -102,7 +102,8 @@ class DuoFFN(nn.Module):
         B, T, _ = x.shape
         if self.routing == "random":
             u = torch.rand(B, T, generator=self.generator).to(x.device)  # [B, T]
-            return torch.where(u < self.p_skip, SKIP, torch.where(u < self.p_skip + self.p_big_prob, BIG, SMALL))
+            big = torch.where(u < self.p_skip_random + self.p_big_random, BIG, SMALL)
+            return torch.where(u < self.p_skip_random, SKIP, big)
         if self.routing == "fixed":
             return torch.full((B, T), self.fixed_route, dtype=torch.long, device=x.device)
         return self.router_logits(x).argmax(-1)  # inference: hard argmax

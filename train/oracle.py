@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from arch.duo import BIG, ROUTE_NAMES, SKIP, SMALL, DuoFFN
+from arch.registry import ConfigError
 
 from .checkpoint import load_trained
 from .data import LMDataModule
@@ -55,6 +56,7 @@ def _chunked(fn: Callable, x: torch.Tensor, chunk: int) -> torch.Tensor:
 def route_losses_naive(model, batch: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
     """ℓ_t(r) by one full forward pass per route: [R, B, T] for a [B, T+1] batch and routes [R, L]."""
     ids, targets = batch[:, :-1], batch[:, 1:]
+    routes = routes.to(batch.device)
     return torch.stack([token_losses(model(ids, routes=r[:, None, None].expand(-1, *ids.shape)), targets)
                         for r in routes])  # fmt: skip
 
@@ -69,8 +71,9 @@ def route_losses(model, batch: torch.Tensor, routes: torch.Tensor, chunk: int = 
     """
     ids, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
     B, T = ids.shape
+    routes = routes.to(batch.device)
     states = model.tok_emb(ids)[None]  # [1, B, T, D]: the empty prefix
-    parent = torch.zeros(len(routes), dtype=torch.long)  # [R] index of each route's prefix in `states`
+    parent = torch.zeros(len(routes), dtype=torch.long, device=batch.device)  # [R] each route's prefix in `states`
     for j, block in enumerate(model.blocks):
         mid = _chunked(lambda s: block.attend(s.flatten(0, 1)).view_as(s), states, chunk)  # [P_j, B, T, D]
         # distinct children (prefix, choice at layer j) and each route's child
@@ -173,11 +176,14 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     """Run the oracle study on a duo checkpoint; print the table, write oracle.json and two PNGs."""
     from .data import build_tokenizer
 
-    cfg, model = load_trained(target, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model = load_trained(target, overrides, map_location=device)
     duo = [m for m in model.modules() if isinstance(m, DuoFFN)]
     L = len(model.blocks)
     if len(duo) != L:
-        raise ValueError(f"{target}: the oracle needs a duo FFN in every layer ({len(duo)} of {L} layers have one)")
+        raise ConfigError(f"model.ffn: the oracle needs a duo FFN in every layer ({len(duo)} of {L} layers have one)")
+    if budget is not None and not 0 <= budget <= L:
+        raise ConfigError(f"--budget {budget}: must be between 0 and the number of layers, {L}")
     low = SKIP if with_skip else SMALL
     space = f"{ROUTE_NAMES[low]}/big"
     routes = route_space(L, low, budget)
@@ -186,9 +192,10 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     out = Path(out_dir) if out_dir else run_dir / "oracle"
     data = LMDataModule(cfg, full_validation=True)
     data.setup()
-    windows = list(itertools.islice(iter(data.val_dataloader()), batches))  # [B, T+1] each
+    windows = [w.to(device) for w in itertools.islice(iter(data.val_dataloader()), batches)]  # [B, T+1] each
     n_tok = sum(w[:, 1:].numel() for w in windows)
-    print(f"oracle {target}: {L} layers, {space} routes ({len(routes)} routes, budgets {budgets[0]}-{budgets[-1]}), "
+    print(f"oracle {target} on {device}: {L} layers, {space} routes ({len(routes)} routes, "
+          f"budgets {budgets[0]}-{budgets[-1]}), "
           f"{len(windows)} held-out batches = {n_tok} tokens; prefix-sharing route tree, {chunk} prefixes per call\n"
           f"  writing {out}/ (oracle.json, ppl_vs_budget.png, oracle_big_heatmap.png)", flush=True)  # fmt: skip
     has_router = all(m.routing == "router" for m in duo)
@@ -199,10 +206,10 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
         small.append(route_losses_naive(model, w, all_small)[0].flatten())  # [B*T]
         big.append(route_losses_naive(model, w, all_big)[0].flatten())
         if has_router:
-            router.append(token_losses(model(w[:, :-1]), w[:, 1:]).flatten())  # eval: hard argmax routes
+            router.append(token_losses(model(w[:, :-1]), w[:, 1:]).flatten().cpu())  # eval: hard argmax routes
             router_big.append(sum(m.route_fraction[BIG].item() for m in duo))
         print(f"  batch {i + 1}/{len(windows)}", flush=True)
-    losses, small, big = torch.cat(losses, 1), torch.cat(small), torch.cat(big)  # [R, N], [N], [N]
+    losses, small, big = torch.cat(losses, 1).cpu(), torch.cat(small).cpu(), torch.cat(big).cpu()  # [R, N], [N], [N]
     result = {
         "checkpoint": str(target), "route_space": space, "n_layers": L, "tokens": n_tok, "n_routes": len(routes),
         "all_small_ppl": math.exp(small.mean().item()), "all_big_ppl": math.exp(big.mean().item()),
@@ -218,7 +225,7 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     difficulty = small - oracle_loss
     tok = build_tokenizer(cfg["data"]["tokenizer"])
     T = windows[0].shape[1] - 1
-    flat_windows = torch.cat([w for w in windows])  # [n_windows, T+1]
+    flat_windows = torch.cat(windows).cpu()  # [n_windows, T+1]
     result["difficult_tokens"] = [
         {"difficulty": difficulty[n].item(), "loss_all_small": small[n].item(), "loss_oracle": oracle_loss[n].item(),
          "oracle_route": route_str(routes[losses[:, n].argmin()].tolist()),

@@ -129,3 +129,8 @@ def test_paper_config_has_the_papers_shape_and_about_1_4b_parameters(capsys):
     out = capsys.readouterr().out
     assert "parameters: 1,399," in out  # 12 x (attention 26.2M + big 78.6M + small 4.9M) + 81.9M embedding
     assert "duo d_ff=10240,small_ratio=16" in out and "an upper bound" in out
+
+
+def test_oracle_rejects_a_budget_beyond_the_depth(stage1, capsys):
+    assert main(["oracle", str(stage1), "--budget", "3"]) == 2  # the micro model has 2 layers
+    assert "--budget 3: must be between 0 and the number of layers, 2" in capsys.readouterr().err
