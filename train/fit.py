@@ -15,9 +15,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import OmegaConf
 
+from arch import ConfigError
 from arch.io import atomic_write, save_pretrained
 
-from .checkpoint import AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, latest_checkpoint, read_checkpoint
+from .checkpoint import (
+    AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, latest_checkpoint, load_trained, read_checkpoint,
+)  # fmt: skip
+from .grow import FreezeOldTokens
 from .config import load_config
 from .data import LMDataModule, bits_per_byte
 from .module import LMModule
@@ -69,24 +73,30 @@ def build_trainer(cfg: dict, run_dir: Path, callbacks=(), loggers: bool = True) 
         max_steps=tr["max_steps"], max_epochs=-1, accelerator=tr["accelerator"], devices=tr["devices"],
         strategy=tr["strategy"], precision=tr["precision"], accumulate_grad_batches=tr["accumulate_grad_batches"],
         val_check_interval=tr["val_every"] * tr["accumulate_grad_batches"], check_val_every_n_epoch=None,
-        log_every_n_steps=tr["log_every"], logger=logger, callbacks=cbs, enable_checkpointing=False,
+        log_every_n_steps=tr["log_every"], logger=logger, callbacks=cbs, enable_checkpointing=True,
         enable_progress_bar=tr["progress_bar"], enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], default_root_dir=run_dir,
     )  # fmt: skip
 
 
-def fit(config_path: str, overrides=(), resume: str | None = None) -> dict:
+def fit(config_path: str, overrides=(), resume: str | None = None, init_from: str | None = None) -> dict:
     """Train; returns {"run_dir", "val_loss", "val_bpb"}. Everything is validated before anything is written."""
     launched = RUN_DIR_ENV in os.environ  # set: we are a process that `strategy=ddp` launched
     try:
-        return _fit(config_path, overrides, resume)
+        return _fit(config_path, overrides, resume, init_from)
     finally:
         if not launched:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-def _fit(config_path: str, overrides, resume: str | None) -> dict:
+def _fit(config_path: str, overrides, resume: str | None, init_from: str | None) -> dict:
     cfg = load_config(config_path, overrides)
+    init_model = None
+    if init_from:
+        if resume:
+            raise ConfigError("--init-from and --resume exclude each other (resume restores everything)")
+        init_cfg, init_model = load_trained(init_from)
+        cfg = load_config(None, (), base={**cfg, "model": init_cfg["model"]})
     ckpt_path = None
     if resume:
         ckpt_path = latest_checkpoint(resume) if Path(resume).is_dir() else Path(resume)
@@ -99,6 +109,8 @@ def _fit(config_path: str, overrides, resume: str | None) -> dict:
     data = LMDataModule(cfg)
     data.setup()
     module = LMModule(cfg, data.bytes_per_token)
+    if init_model is not None:
+        module.model.load_state_dict(init_model.state_dict())
     n_params = sum(p.numel() for p in module.model.parameters())
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,10 +120,12 @@ def _fit(config_path: str, overrides, resume: str | None) -> dict:
             f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {ntr / 1e6:.2f}M training tokens, "
             f"{cfg['trainer']['max_steps']} steps of {cfg['data']['batch_size']}x{cfg['data']['seq_len']} tokens\n"
             f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)"
-            + (f"\n  resuming from {ckpt_path}" if ckpt_path else ""),
+            + (f"\n  resuming from {ckpt_path}" if ckpt_path else "")
+            + (f"\n  initialised from {init_from} (its model config; fresh optimizer and schedule)" if init_model else ""),
             flush=True,
         )
-    trainer = build_trainer(cfg, run_dir)
+    callbacks = [FreezeOldTokens()] if cfg["optim"]["freeze_old_tokens"] else []
+    trainer = build_trainer(cfg, run_dir, callbacks)
     trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
     val = trainer.validate(module, data, verbose=False, weights_only=True)[0]
     val_loss = float(val["val/loss"])
