@@ -6,8 +6,9 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from . import attention, duo, lm, mlp, norms, proj  # noqa: F401  (register the built-in blocks)
+from . import attention, duo, lm, mlp, norms, pattention, proj  # noqa: F401  (register the built-in blocks)
 from .config import LayerContext, to_plain
+from .growth import grow
 from .io import load_pretrained, save_pretrained
 from .registry import FFNS, MIXERS, MODELS, NORMS, PROJS, ConfigError, Registry
 
@@ -25,6 +26,6 @@ def build_model(cfg: Mapping) -> nn.Module:
 
 
 __all__ = [
-    "build_model", "load_pretrained", "save_pretrained", "ConfigError", "Registry", "LayerContext",
+    "build_model", "grow", "load_pretrained", "save_pretrained", "ConfigError", "Registry", "LayerContext",
     "MODELS", "MIXERS", "FFNS", "PROJS", "NORMS",
 ]  # fmt: skip

@@ -39,7 +39,8 @@ class LMConfig:
     mixer: Any = "dense"
     ffn: Any = "mlp"
     proj: Any = "linear"
-    norm: Any = "rmsnorm"
+    norm: Any = "rmsnorm"  # the blocks' norms
+    final_norm: Any = None  # the norm before the head; None = same as `norm` (TokenFormer: layernorm)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0  # fraction of each head's dims that RoPE rotates (TokenFormer: 0.25)
@@ -104,6 +105,7 @@ def resolve_lm_config(cfg: Mapping, path: str = "model") -> dict:
             f"{c['d_model'] // c['n_heads']} head dims"
         )
     c["norm"] = NORMS.build_spec(c["norm"], f"{path}.norm")
+    c["final_norm"] = NORMS.build_spec(c["final_norm"] or c["norm"], f"{path}.final_norm")
     for key, reg in LAYER_KEYS.items():
         c[key] = reg.build_spec(c[key], f"{path}.{key}")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import LAYER_KEYS, LayerContext, resolve_lm_config
-from .registry import FFNS, MIXERS, MODELS
+from .registry import FFNS, MIXERS, MODELS, NORMS
 
 
 class Block(nn.Module):
@@ -56,7 +56,7 @@ class CausalLM(nn.Module):
             )  # fmt: skip
             blocks.append(Block(ctx, MIXERS.create(spec["mixer"], ctx), FFNS.create(spec["ffn"], ctx)))
         self.blocks = nn.ModuleList(blocks)
-        self.norm_f = ctx.make_norm(c["d_model"])
+        self.norm_f = NORMS.create(c["final_norm"], c["d_model"])
         self.head = nn.Linear(c["d_model"], c["vocab_size"], bias=False)
         if c["tie_embeddings"]:
             self.head.weight = self.tok_emb.weight

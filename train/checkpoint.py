@@ -19,6 +19,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
 
 from arch.io import atomic_write
 
@@ -68,8 +69,11 @@ class AtomicCheckpointIO(CheckpointIO):
             os.unlink(path)
 
 
-class PeriodicCheckpoint(L.Callback):
+class PeriodicCheckpoint(Checkpoint):
     """Every ``every`` optimizer steps (and at the end) write ``step-NNNNNN.ckpt``, keeping the newest ``keep``.
+
+    A ``Checkpoint`` subclass, so Lightning runs it after every other callback of the same hook: the state it
+    saves includes their changes (e.g. frozen tokens written back).
 
     Before writing, the module's non-finite-loss flag is checked: a NaN run stops *before* saving, so the
     newest checkpoint on disk is always a good one.

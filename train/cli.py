@@ -1,9 +1,10 @@
-"""``python -m train <command> ...``: fit, eval, sample, info, bench.
+"""``python -m train <command> ...``: fit, eval, sample, info, bench, grow.
 
     python -m train fit configs/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT | --init-from PATH]
     python -m train eval <checkpoint | run dir> [dotted.key=value ...]
     python -m train sample <checkpoint | run dir> [--prompt TEXT] [--tokens N]
     python -m train info configs/gpt-tiny.yaml [dotted.key=value ...]
+    python -m train grow <checkpoint | run dir> --scale 2 [--out DIR]
     python -m train bench configs/gpt-tiny.yaml [--steps N]
     python -m train oracle <checkpoint | run dir> [--budget K | --all-budgets] [--with-skip] [--batches N]
 """
@@ -31,8 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="pretrain a model from a config")
     _add_target(p, "config YAML")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (or run dir: its newest checkpoint)")
-    p.add_argument("--init-from", metavar="PATH", help="start from the model weights of a checkpoint, run dir or "
-                   "exported model dir (exact match), with a fresh optimizer and schedule")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from the weights of a checkpoint, run dir or exported/grown model dir with a fresh "
+                        "optimizer and schedule: into this config's model if they fit it exactly, else into "
+                        "PATH's own model (e.g. a grown TokenFormer)")  # fmt: skip
+
+    p = sub.add_parser("grow", help="TokenFormer growth: append parameter tokens to every Pattention")
+    p.add_argument("target", help="checkpoint file, run directory, or exported model directory")
+    p.add_argument("--scale", type=float, default=2.0, help="multiply every token count by this (>= 1)")
+    p.add_argument("--slots", help="explicit new counts per role instead of --scale, e.g. qkv=512,proj=512,ffn=2048")
+    p.add_argument("--out", help="output directory (default: <run dir>/grown-x<scale>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new value tokens")
 
     p = sub.add_parser("eval", help="validation loss and bits/byte of a checkpoint on the whole held-out split")
     _add_target(p, "checkpoint file, run directory, or exported model directory")
@@ -71,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         if args.command == "fit":
             from .fit import fit
 
             fit(args.target, args.overrides, resume=args.resume, init_from=args.init_from)
+        elif args.command == "grow":
+            from .grow import grow_command
+
+            grow_command(args.target, args.scale, args.slots, args.out, args.seed)
         elif args.command == "eval":
             from .evaluate import evaluate
 
@@ -100,5 +114,5 @@ def main(argv: list[str] | None = None) -> int:
                    out_dir=args.out, chunk=args.chunk)  # fmt: skip
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (ConfigError, CheckpointError, FileNotFoundError)) else 1
+        return 1 if isinstance(e, NonFiniteLossError) else 2
     return 0

@@ -4,6 +4,9 @@
   override the base's, recursively.
 * ``${...}`` interpolation is OmegaConf's (e.g. ``data.seq_len: ${model.max_seq_len}``).
 * Command-line overrides are OmegaConf dotlists: ``trainer.max_steps=100 model.mixer.type=dense``.
+* Merging (base <- child, config <- overrides) is recursive, except that a block spec whose ``type`` changes is
+  replaced whole: the old type's options do not leak into the new one (``model.ffn.type=pattention`` drops
+  ``activation``).
 
 ``load_config`` merges and validates everything (model included) and returns a plain dict; nothing is
 written and nothing trains before the whole config has been checked.
@@ -49,6 +52,8 @@ class OptimConfig:
     router_aux_weight: float = 1.0  # α in CE + α·(mean P_big − budget)²
     router_inv_temp: list[float] = dataclasses.field(default_factory=lambda: [1.0, 10.0])  # β from, to (geometric)
     freeze_backbone: bool = False  # train only the Duo routers (stage 3 on a frozen stage-1 model)
+    # after `grow` + `fit --init-from`: train only the new parameter tokens (TokenFormer's reference trains all)
+    freeze_old_tokens: bool = False
 
 
 @dataclasses.dataclass
@@ -73,7 +78,16 @@ class TrainerConfig:
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
 
 
-def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+def merge(base: Any, child: Any) -> Any:
+    """Recursive merge of plain containers; a mapping whose ``type`` differs from the base's replaces it."""
+    if not (isinstance(base, Mapping) and isinstance(child, Mapping)):
+        return child
+    if "type" in child and "type" in base and child["type"] != base["type"]:
+        return dict(child)
+    return {**base, **{k: merge(base[k], v) if k in base else v for k, v in child.items()}}
+
+
+def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -85,22 +99,23 @@ def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    cfg = OmegaConf.to_container(cfg, resolve=False)  # interpolations resolve after all merging
     base = cfg.pop("base", None)
     if base is None:
         return cfg
-    return OmegaConf.merge(_load_yaml(path.parent / str(base), chain + (path,)), cfg)
+    return merge(_load_yaml(path.parent / str(base), chain + (path,)), cfg)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: Mapping | None = None) -> dict:
     """Read ``path`` (following ``base:``), or start from ``base`` (e.g. a checkpoint's saved config), apply
     dotlist ``overrides``, resolve interpolations and validate every section. Returns a plain dict."""
-    cfg = _load_yaml(Path(path)) if path is not None else OmegaConf.create(dict(base or {}))
+    cfg = _load_yaml(Path(path)) if path is not None else to_plain(dict(base or {}))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. trainer.max_steps=100")
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        cfg = merge(cfg, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False))
+        plain = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {e}") from None
     if "name" not in plain:

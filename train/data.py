@@ -180,7 +180,8 @@ class HFSource:
     ):
         self.name, self.config_name, self.data_files = name, config_name, data_files
         self.splits = {"train": split, "validation": val_split}
-        self.text_field, self.streaming, self.max_tokens, self.val_fraction = text_field, streaming, max_tokens, val_fraction
+        self.text_field, self.streaming = text_field, streaming
+        self.max_tokens, self.val_fraction = max_tokens, val_fraction
 
     def fingerprint(self) -> list:
         return []
@@ -198,7 +199,8 @@ class HFSource:
                 f"data.source.text_field: {self.text_field!r} is not a column of {self.name}; "
                 f"allowed values: {', '.join(ds.column_names)}"
             )
-        return ds.select_columns([self.text_field]).rename_column(self.text_field, "text") if self.text_field != "text" else ds.select_columns(["text"])
+        ds = ds.select_columns([self.text_field])
+        return ds if self.text_field == "text" else ds.rename_column(self.text_field, "text")
 
 
 # --------------------------------------------------------------------------------------------- packing

@@ -15,9 +15,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import OmegaConf
 
+from arch import ConfigError
 from arch.io import atomic_write, save_pretrained
 
-from .checkpoint import AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, latest_checkpoint, read_checkpoint
+from .checkpoint import (
+    AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, latest_checkpoint, load_trained, read_checkpoint,
+)  # fmt: skip
+from .grow import FreezeOldTokens
 from .config import load_config
 from .data import LMDataModule, bits_per_byte
 from .module import LMModule
@@ -69,7 +73,7 @@ def build_trainer(cfg: dict, run_dir: Path, callbacks=(), loggers: bool = True) 
         max_steps=tr["max_steps"], max_epochs=-1, accelerator=tr["accelerator"], devices=tr["devices"],
         strategy=tr["strategy"], precision=tr["precision"], accumulate_grad_batches=tr["accumulate_grad_batches"],
         val_check_interval=tr["val_every"] * tr["accumulate_grad_batches"], check_val_every_n_epoch=None,
-        log_every_n_steps=tr["log_every"], logger=logger, callbacks=cbs, enable_checkpointing=False,
+        log_every_n_steps=tr["log_every"], logger=logger, callbacks=cbs, enable_checkpointing=True,
         enable_progress_bar=tr["progress_bar"], enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], default_root_dir=run_dir,
     )  # fmt: skip
@@ -78,8 +82,8 @@ def build_trainer(cfg: dict, run_dir: Path, callbacks=(), loggers: bool = True) 
 def fit(config_path: str, overrides=(), resume: str | None = None, init_from: str | None = None) -> dict:
     """Train; returns {"run_dir", "val_loss", "val_bpb"}. Everything is validated before anything is written.
 
-    ``init_from``: a checkpoint, run dir or exported model dir whose model weights (exactly matching this
-    config's model) start the run; optimizer, schedule and step start fresh (e.g. Duo stage 3 from stage 1)."""
+    ``init_from``: a checkpoint, run dir or exported model dir whose weights start the run, with a fresh
+    optimizer, schedule and step count (Duo stage 3 from stage 1, a grown TokenFormer); see ``init_source``."""
     launched = RUN_DIR_ENV in os.environ  # set: we are a process that `strategy=ddp` launched
     try:
         return _fit(config_path, overrides, resume, init_from)
@@ -88,23 +92,29 @@ def fit(config_path: str, overrides=(), resume: str | None = None, init_from: st
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-def init_weights_from(model: torch.nn.Module, source: str) -> None:
-    """Copy the weights of a trained model (checkpoint, run dir or export) into ``model``; every tensor must match."""
-    from .checkpoint import load_trained
+def init_source(cfg: dict, source: str) -> tuple[dict, torch.nn.Module, bool]:
+    """The config and weights that ``--init-from`` starts from. The config's own model is kept when the source's
+    weights fit it exactly (same names and shapes: e.g. Duo stage 3 = stage-1 weights with ``routing: router``);
+    otherwise the source's model section replaces it (e.g. a grown TokenFormer, whose token counts differ)."""
+    from arch import build_model
 
-    _, src = load_trained(source)
-    try:
-        model.load_state_dict(src.state_dict())
-    except RuntimeError as e:
-        raise CheckpointError(f"--init-from {source}: weights do not fit this config's model: "
-                              f"{str(e).splitlines()[0]}") from None  # fmt: skip
+    src_cfg, src = load_trained(source)
+    with torch.device("meta"):
+        mine = build_model(cfg["model"])
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    if shapes(mine) == shapes(src):
+        return cfg, src, False
+    return load_config(None, (), base={**cfg, "model": src_cfg["model"]}), src, True
 
 
-def _fit(config_path: str, overrides, resume: str | None, init_from: str | None = None) -> dict:
+def _fit(config_path: str, overrides, resume: str | None, init_from: str | None) -> dict:
     cfg = load_config(config_path, overrides)
-    if resume and init_from:
-        raise CheckpointError("--resume and --init-from exclude each other: resume continues a run, "
+    init_model = None
+    if init_from:
+        if resume:
+            raise ConfigError("--init-from and --resume exclude each other: resume continues a run, "
                               "init-from starts a new one from trained weights")  # fmt: skip
+        cfg, init_model, replaced = init_source(cfg, init_from)
     ckpt_path = None
     if resume:
         ckpt_path = latest_checkpoint(resume) if Path(resume).is_dir() else Path(resume)
@@ -117,8 +127,8 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None 
     data = LMDataModule(cfg)
     data.setup()
     module = LMModule(cfg, data.bytes_per_token)
-    if init_from:
-        init_weights_from(module.model, init_from)
+    if init_model is not None:
+        module.model.load_state_dict(init_model.state_dict())
     n_params = sum(p.numel() for p in module.model.parameters())
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,10 +139,13 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None 
             f"{cfg['trainer']['max_steps']} steps of {cfg['data']['batch_size']}x{cfg['data']['seq_len']} tokens\n"
             f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)"
             + (f"\n  resuming from {ckpt_path}" if ckpt_path else "")
-            + (f"\n  weights initialised from {init_from} (fresh optimizer and schedule)" if init_from else ""),
+            + (f"\n  weights initialised from {init_from} (fresh optimizer and schedule)" if init_from else "")
+            + (f"\n  model section taken from {init_from}: its weights do not fit {config_path}'s model"
+               if init_from and replaced else ""),
             flush=True,
         )
-    trainer = build_trainer(cfg, run_dir)
+    callbacks = [FreezeOldTokens()] if cfg["optim"]["freeze_old_tokens"] else []
+    trainer = build_trainer(cfg, run_dir, callbacks)
     trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
     val = trainer.validate(module, data, verbose=False, weights_only=True)[0]
     val_loss = float(val["val/loss"])

@@ -28,6 +28,12 @@ def count_params(model: torch.nn.Module) -> dict:
     return {"total": total, "non_embedding": total - emb}
 
 
+def _spec(spec: dict) -> str:
+    """{'type': 'mlp', 'activation': 'gelu', 'd_ff': None} -> 'mlp activation=gelu'."""
+    opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "type" and v is not None)
+    return f"{spec['type']} {opts}".strip()
+
+
 def info(config_path: str, overrides=()) -> dict:
     cfg = load_config(config_path, overrides)
     print(f"# resolved config of {config_path}\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
@@ -37,8 +43,7 @@ def info(config_path: str, overrides=()) -> dict:
     if rows:
         print(f"{'layer':>5}  {'mixer':<40} {'ffn':<40} proj")
         for r in rows:
-            fmt = lambda s: s["type"] + (" " + ",".join(f"{k}={v}" for k, v in s.items() if k != "type" and v is not None) if len(s) > 1 else "")  # noqa: E731
-            print(f"{r['layer']:>5}  {fmt(r['mixer']):<40} {fmt(r['ffn']):<40} {fmt(r['proj'])}")
+            print(f"{r['layer']:>5}  {_spec(r['mixer']):<40} {_spec(r['ffn']):<40} {_spec(r['proj'])}")
     params = count_params(model)
     flops = forward_flops_per_token(cfg["model"], cfg["data"]["seq_len"])
     print(f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M), non-embedding {params['non_embedding']:,}")

@@ -117,10 +117,12 @@ def test_router_stage_from_stage1_trains_only_the_router_then_oracle(stage1, tmp
     assert (out / "ppl_vs_budget.png").stat().st_size > 0 and (out / "oracle_big_heatmap.png").stat().st_size > 0
 
 
-def test_init_from_a_model_of_another_shape_is_a_clear_error(stage1, tmp_path, cache_dir, capsys):
-    over = duo_micro(tmp_path, cache_dir, **{"model.ffn.d_ff": 128})
-    assert main(["fit", DUO, *over, "--init-from", str(stage1)]) == 2
-    assert "weights do not fit this config's model" in capsys.readouterr().err
+def test_init_from_a_model_of_another_shape_takes_the_sources_model(stage1, tmp_path, cache_dir, capsys):
+    over = duo_micro(tmp_path, cache_dir, **{"model.ffn.d_ff": 128, "trainer.max_steps": 1})
+    assert main(["fit", DUO, *over, "--init-from", str(stage1)]) == 0
+    assert "model section taken from" in capsys.readouterr().out
+    (run,) = (tmp_path / "runs" / "duo-tiny").iterdir()
+    assert load_trained(run)[0]["model"] == load_trained(stage1)[0]["model"]
     assert main(["fit", DUO, *over, "--init-from", str(stage1), "--resume", str(stage1)]) == 2
 
 

@@ -1,0 +1,157 @@
+"""TokenFormer: Pattention against a plain transcription of Eq. 5, exact growth, paper-sized configs."""
+
+import math
+
+import pytest
+import torch
+
+import arch
+from arch.pattention import Pattention
+
+from ..conftest import CONFIGS
+
+
+def pattention_by_formula(x, K, V, tau):
+    """Row by row, straight from the paper: S = GeLU(τ · A / ‖A‖₂), A = X Kᵀ, out = S V."""
+    rows = []
+    for xi in x.reshape(-1, x.shape[-1]):
+        a = (K * xi).sum(-1)  # [n]
+        z = tau * a / torch.sqrt((a * a).sum())
+        s = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))  # exact GeLU
+        rows.append((s[:, None] * V).sum(0))
+    return torch.stack(rows).reshape(*x.shape[:-1], V.shape[-1])
+
+
+@pytest.mark.parametrize("shape, d_in, d_out, n", [((2, 7), 5, 3, 11), ((13,), 8, 8, 4), ((1, 3, 2), 6, 9, 17)])
+def test_pattention_matches_formula_forward_and_gradients(shape, d_in, d_out, n):
+    torch.manual_seed(0)
+    p = Pattention(d_in, d_out, n, value_std=0.5).double()
+    x = torch.randn(*shape, d_in, dtype=torch.float64, requires_grad=True)
+    out = p(x)
+    assert float(p.tau) == pytest.approx(math.sqrt(n))  # τ = √n at construction
+    ref = pattention_by_formula(x, p.key, p.value, p.tau)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, p.key, p.value), g)
+    ref_grads = torch.autograd.grad(ref, (x, p.key, p.value), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x, k, v: arch.pattention.pattention(x, k, v, p.tau), (x, p.key, p.value))
+
+
+def test_zero_rows_give_zero_output_and_finite_gradients():
+    p = Pattention(4, 3, 6, value_std=1.0)
+    x = torch.zeros(2, 4, requires_grad=True)
+    out = p(x)
+    assert torch.equal(out, torch.zeros(2, 3))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (x, p.key, p.value))
+
+
+def test_init_follows_reference_code():
+    torch.manual_seed(0)
+    L, d = 6, 256
+    m = arch.build_model({"d_model": d, "n_layers": L, "n_heads": 4, "max_seq_len": 8,
+                          "proj": "pattention", "ffn": "pattention"})  # fmt: skip
+    ffn = m.blocks[0].ffn
+    assert ffn.key.shape == (4 * d, d) and m.blocks[0].mixer.q.key.shape == (d, d)  # default slots: d, 4d
+    assert ffn.key.std().item() == pytest.approx(0.02, rel=0.05)
+    assert ffn.value.std().item() == pytest.approx(2 / (L * math.sqrt(d)), rel=0.05)
+    assert float(ffn.tau) == pytest.approx(math.sqrt(4 * d))
+
+
+TF = {"d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 24, "norm": "layernorm_np", "final_norm": "layernorm",
+      "proj": {"type": "pattention", "qkv_tokens": 12, "proj_tokens": 20}, "ffn": {"type": "pattention", "n_tokens": 40},
+      "rope_fraction": 0.25}  # fmt: skip
+
+
+def tokenformer(**kw):
+    torch.manual_seed(0)
+    return arch.build_model({**TF, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, expect",
+    [
+        ({"scale": 2}, {"qkv": 24, "proj": 40, "ffn": 80}),
+        ({"scale": 2.5}, {"qkv": 30, "proj": 50, "ffn": 100}),
+        ({"slots": {"qkv": 13}}, {"qkv": 13, "proj": 20, "ffn": 40}),
+        ({"slots": {"proj": 64}}, {"qkv": 12, "proj": 64, "ffn": 40}),
+        ({"slots": {"ffn": 41}}, {"qkv": 12, "proj": 20, "ffn": 41}),
+    ],
+)
+def test_growth_is_exact_for_every_role(kw, expect):
+    model = tokenformer().eval()
+    x = torch.randint(0, 256, (3, 24))
+    grown = arch.grow(model, **kw).eval()
+    counts = {}
+    for m in grown.modules():
+        if isinstance(m, Pattention):
+            counts.setdefault(m.role, set()).add(m.n_tokens)
+    assert counts == {r: {n} for r, n in expect.items()}
+    assert (grown(x) - model(x)).abs().max().item() <= 1e-6
+    assert grown.config["ffn"]["n_tokens"] == expect["ffn"] and grown.config["proj"]["qkv_tokens"] == expect["qkv"]
+    taus = [float(m.tau) for m in grown.modules() if isinstance(m, Pattention)]
+    assert taus == [float(m.tau) for m in model.modules() if isinstance(m, Pattention)]  # τ is not re-derived
+
+
+def test_growth_respects_per_layer_overrides_and_roundtrips(tmp_path):
+    model = tokenformer(layers={"1": {"ffn": {"n_tokens": 8}}}).eval()
+    grown = arch.grow(model, scale=3).eval()
+    assert grown.blocks[0].ffn.n_tokens == 120 and grown.blocks[1].ffn.n_tokens == 24
+    arch.save_pretrained(grown, tmp_path / "g")
+    loaded = arch.load_pretrained(tmp_path / "g").eval()
+    x = torch.randint(0, 256, (2, 24))
+    assert torch.equal(loaded(x), grown(x))
+
+
+def test_new_tokens_learn_after_growth():
+    """New keys are zero, so at the first step the new scores are GeLU(0) = 0: new keys get gradient at once,
+    new values from the second step on (their gradient is Sᵀ dout with S_new = 0 until the keys have moved)."""
+    grown = arch.grow(tokenformer(), scale=2)
+    ffn = grown.blocks[0].ffn
+    n_old = int(ffn.n_old)
+    opt = torch.optim.AdamW(grown.parameters(), lr=1e-2, weight_decay=0.0)
+    x = torch.randint(0, 256, (4, 24))
+    before = {k: v.detach().clone() for k, v in (("key", ffn.key), ("value", ffn.value))}
+    for step in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(grown(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        if step == 0:
+            assert ffn.key.grad[n_old:].abs().sum() > 0
+            assert ffn.value.grad[n_old:].abs().sum() == 0  # S_new = GeLU(0) = 0 exactly
+        else:
+            assert ffn.value.grad[n_old:].abs().sum() > 0
+        opt.step()
+    assert not torch.equal(ffn.key[n_old:], before["key"][n_old:])
+    assert not torch.equal(ffn.value[n_old:], before["value"][n_old:])
+
+
+def test_growth_errors():
+    with pytest.raises(arch.ConfigError, match="scale must be >= 1"):
+        arch.grow(tokenformer(), scale=0.5)
+    with pytest.raises(arch.ConfigError, match="unknown roles.*allowed: qkv, proj, ffn"):
+        arch.grow(tokenformer(), slots={"mlp": 3})
+    with pytest.raises(arch.ConfigError, match="no Pattention"):
+        arch.grow(arch.build_model({"d_model": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 8}))
+    with pytest.raises(ValueError, match="cannot shrink"):
+        arch.grow(tokenformer(), slots={"qkv": 2})
+
+
+def test_tokenformer_lm_is_causal():
+    model = tokenformer().eval()
+    x = torch.randint(0, 256, (2, 24))
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % 256
+    torch.testing.assert_close(model(y)[:, :10], model(x)[:, :10], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, target", [("150m", 150e6), ("450m", 450e6), ("900m", 900e6), ("1.5b", 1.5e9)])
+def test_paper_configs_build_on_meta_within_6_percent(name, target):
+    from train.config import load_config
+
+    cfg = load_config(CONFIGS / f"tokenformer-{name}.yaml")
+    with torch.device("meta"):
+        model = arch.build_model(cfg["model"])
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / target - 1) <= 0.06, n

@@ -1,0 +1,136 @@
+"""TokenFormer progressive scaling on the Shakespeare corpus: grown vs from-scratch vs dense.
+
+    python -m train.experiments.tokenformer_growth [--steps N] [--more M] [--out docs/tokenformer]
+
+1. train a small TokenFormer (tokenformer-tiny with ¼ of its parameter tokens) for N steps;
+2. grow it ×2 and ×4 (exact: same function), continue each for M steps with a fresh schedule;
+3. train the ×2 and ×4 shapes from scratch for N+M steps, and a dense Transformer of the ×4 parameter count
+   (gpt-tiny) for N+M steps.
+Writes ``growth.json`` and ``growth.png`` (validation loss against cumulative training FLOPs) into ``--out``
+and prints a markdown table. TokenFormer's claim: the grown model reaches the from-scratch loss at a fraction
+of the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from arch import grow, save_pretrained
+
+from ..checkpoint import load_trained
+from ..fit import fit
+from ..info import forward_flops_per_token
+
+SLOTS = {1: (48, 192), 2: (96, 384), 4: (192, 768)}  # scale -> (qkv/proj tokens, ffn tokens)
+TF_CONFIG, DENSE_CONFIG = "configs/tokenformer-tiny.yaml", "configs/gpt-tiny.yaml"
+
+
+def slot_overrides(scale: int) -> list[str]:
+    qkv, ffn = SLOTS[scale]
+    return [f"model.proj.qkv_tokens={qkv}", f"model.proj.proj_tokens={qkv}", f"model.ffn.n_tokens={ffn}"]
+
+
+def val_curve(run_dir: Path, steps: int) -> list[tuple[int, float]]:
+    """[(optimizer steps done, val loss)]; the final `validate` after fit repeats the last point."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        points = {min(int(r["step"]) + 1, steps): float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+    return sorted(points.items())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m train.experiments.tokenformer_growth", description=__doc__)
+    p.add_argument("--steps", type=int, default=300, help="N: steps of the small model before growing")
+    p.add_argument("--more", type=int, default=300, help="M: steps after growing")
+    p.add_argument("--out", default="docs/tokenformer")
+    p.add_argument("--runs", default="runs/tokenformer-growth")
+    p.add_argument("--report-only", action="store_true", help="re-print the table and re-draw the plot from growth.json")
+    a = p.parse_args(argv)
+    N, M, out = a.steps, a.more, Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        results = json.loads((out / "growth.json").read_text())
+        report(results, out, N)
+        return results
+    common = [f"trainer.out_dir={a.runs}", "trainer.progress_bar=false", "trainer.sample_tokens=0",
+              "data.val_batches=20", f"trainer.val_every={max(N // 3, 1)}", "trainer.log_every=25"]  # fmt: skip
+    tokens_per_step = 32 * 128  # gpt-tiny's batch: 32 windows of 128 bytes
+
+    def flops_per_step(cfg_model: dict) -> float:
+        return 3 * forward_flops_per_token(cfg_model) * tokens_per_step
+
+    results = {}
+
+    def record(name: str, run_dir: Path, model_cfg: dict, steps: int, flops_before: float = 0.0, steps_before: int = 0):
+        fps = flops_per_step(model_cfg)
+        curve = [(steps_before + s, flops_before + s * fps, loss) for s, loss in val_curve(run_dir, steps)]
+        n_params = sum(p.numel() for p in load_trained(run_dir)[1].parameters())
+        results[name] = {"run_dir": str(run_dir), "params": n_params, "curve": curve,
+                         "final_val_loss": curve[-1][2], "total_flops": curve[-1][1], "steps": curve[-1][0]}  # fmt: skip
+        print(f"[growth] {name}: {n_params / 1e6:.2f}M params, val loss {curve[-1][2]:.4f} after {curve[-1][0]} steps, "
+              f"{curve[-1][1]:.3g} FLOPs", flush=True)  # fmt: skip
+
+    small = fit(TF_CONFIG, [*common, *slot_overrides(1), f"trainer.max_steps={N}", "name=tf-small"])
+    cfg_small, small_model = load_trained(small["run_dir"])
+    record("small (x1)", small["run_dir"], cfg_small["model"], N)
+    small_flops = results["small (x1)"]["total_flops"]
+    for scale in (2, 4):
+        grown_dir = save_pretrained(grow(small_model, scale=scale), Path(small["run_dir"]) / f"grown-x{scale}")
+        run = fit(TF_CONFIG, [*common, f"trainer.max_steps={M}", f"optim.warmup_steps={max(M // 100, 1)}",
+                              f"name=tf-grown-x{scale}"], init_from=str(grown_dir))  # fmt: skip
+        record(f"grown x{scale}", run["run_dir"], load_trained(run["run_dir"])[0]["model"], M, small_flops, N)
+        run = fit(TF_CONFIG, [*common, *slot_overrides(scale), f"trainer.max_steps={N + M}", f"name=tf-scratch-x{scale}"])
+        record(f"scratch x{scale}", run["run_dir"], load_trained(run["run_dir"])[0]["model"], N + M)
+    run = fit(DENSE_CONFIG, [*common, f"trainer.max_steps={N + M}", "name=dense-scratch"])
+    record("dense (gpt-tiny)", run["run_dir"], load_trained(run["run_dir"])[0]["model"], N + M)
+    (out / "growth.json").write_text(json.dumps(results, indent=1))
+    report(results, out, N)
+    return results
+
+
+def report(results: dict, out: Path, N: int) -> None:
+    """Print the table and verdicts, draw growth.png."""
+    plot(results, out / "growth.png", N)
+    print("\n| model | params | steps | training FLOPs | final val loss (nats/byte) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['total_flops']:.3g} | {r['final_val_loss']:.4f} |")
+    for scale in (2, 4):
+        g, s = results[f"grown x{scale}"], results[f"scratch x{scale}"]
+        reach = next((f for _, f, loss in s["curve"] if loss <= g["final_val_loss"]), None)
+        verdict = (f"scratch x{scale} needs {reach:.3g} FLOPs to reach the grown model's final loss; grown spent "
+                   f"{g['total_flops']:.3g} ({g['total_flops'] / reach:.2f}x)") if reach else (
+                   f"scratch x{scale} never reaches the grown model's final loss within {s['steps']} steps")  # fmt: skip
+        print(f"x{scale}: grown {g['final_val_loss']:.4f} vs scratch {s['final_val_loss']:.4f}; {verdict}")
+    print(f"wrote {out / 'growth.json'} and {out / 'growth.png'}")
+
+
+def plot(results: dict, path: Path, n_small: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"small (x1)": "k-", "grown x2": "C0-", "scratch x2": "C0--", "grown x4": "C1-", "scratch x4": "C1--",
+              "dense (gpt-tiny)": "C2:"}  # fmt: skip
+    for name, r in results.items():
+        f = [c[1] for c in r["curve"]]
+        loss = [c[2] for c in r["curve"]]
+        if name.startswith("grown"):  # draw from the growth point
+            small = results["small (x1)"]["curve"][-1]
+            f, loss = [small[1]] + f, [small[2]] + loss
+        ax.plot(f, loss, styles.get(name, "-"), marker=".", label=f"{name} ({r['params'] / 1e6:.1f}M)")
+    ax.set_xlabel("cumulative training FLOPs")
+    ax.set_ylabel("validation loss (nats/byte, held-out plays)")
+    ax.set_title(f"TokenFormer growth on Shakespeare (grow after {n_small} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
