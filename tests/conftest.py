@@ -31,3 +31,19 @@ def micro_overrides(tmp_path: Path, cache_dir: Path, **extra) -> list[str]:
 def cache_dir(tmp_path_factory) -> Path:
     """One token cache for the whole session (tokenizing the corpus once)."""
     return tmp_path_factory.mktemp("cache")
+
+
+def assert_causal(run, vocab: int = 256, T: int = 23, positions=(0, 7, 21), atol: float = 1e-5, seed: int = 1):
+    """Causality of an LM: perturbing the tokens after t changes no logit at or before t (and does change
+    later ones, so the check can fail). ``run``: LongTensor [B, T] -> logits [B, T, V]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (3, T), generator=g)
+    base = run(x)
+    for t in positions:
+        y = x.clone()
+        y[:, t + 1 :] = torch.randint(0, vocab, y[:, t + 1 :].shape, generator=g)
+        out = run(y)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=atol)
+        assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-4
