@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from . import attention, bra, lm, mlp, norms, proj  # noqa: F401  (register the built-in blocks)
+from . import attention, biformer, bra, lm, mlp, norms, proj  # noqa: F401  (register the built-in blocks)
 from .config import LayerContext, to_plain
 from .io import load_pretrained, save_pretrained
 from .registry import FFNS, MIXERS, MODELS, NORMS, PROJS, ConfigError, Registry
