@@ -5,6 +5,7 @@
     python -m train sample <checkpoint | run dir> [--prompt TEXT] [--tokens N]
     python -m train info configs/gpt-tiny.yaml [dotted.key=value ...]
     python -m train bench configs/gpt-tiny.yaml [--steps N]
+    python -m train bench-bra [--batch 64] [--lengths 4096 8192 16384] [--lm configs/gpt-tiny.yaml configs/bra-tiny.yaml]
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p, "config YAML")
     p.add_argument("--steps", type=int, default=40, help="timed steps per loop")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+
+    p = sub.add_parser("bench-bra", help="bi-level routing attention vs the gather reference (2-D) and dense SDPA (1-D)")
+    p.add_argument("--batch", type=int, default=64, help="2-D batch (BiFormer-S stage 3)")
+    p.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384], help="1-D sequence lengths")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per cell")
+    p.add_argument("--region", type=int, default=64, help="1-D region size")
+    p.add_argument("--topk", type=int, default=4, help="1-D routed past regions per query")
+    p.add_argument("--query-block", type=int, default=64, help="1-D queries per block of the sparse core")
+    p.add_argument("--lm", nargs="*", default=[], metavar="CONFIG",
+                   help="also time training steps of these LM configs, interleaved (first = budget reference)")
+    p.add_argument("--lm-steps", type=int, default=8)
     return parser
 
 
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         if args.command == "fit":
             from .fit import fit
@@ -80,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
 
             bench(args.target, args.overrides, steps=args.steps, warmup=args.warmup)
+        elif args.command == "bench-bra":
+            from .bench_bra import bench_bra, lm_step_times
+
+            if args.lengths or args.batch:  # --batch 0 --lengths: only the LM step times
+                bench_bra(args.batch, args.lengths, args.reps, args.region, args.topk, args.query_block)
+            if args.lm:
+                lm_step_times(args.lm, args.lm_steps)
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, CheckpointError, FileNotFoundError)) else 1
