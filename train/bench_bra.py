@@ -101,7 +101,7 @@ def _cell(*args) -> dict:
 
 
 def bench_bra(batch: int = 64, lengths=(4096, 8192, 16384), reps: int = 3, region: int = 64, topk: int = 4,
-              query_block: int = 64) -> dict:  # fmt: skip
+              query_block: int = 1) -> dict:  # fmt: skip
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mem = "peak alloc" if device == "cuda" else "peak RSS"
     print(f"bench-bra on {device} ({torch.get_num_threads()} threads); memory = {mem} above the inputs, "

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="timed runs per cell")
     p.add_argument("--region", type=int, default=64, help="1-D region size")
     p.add_argument("--topk", type=int, default=4, help="1-D routed past regions per query")
-    p.add_argument("--query-block", type=int, default=64, help="1-D queries per block of the sparse core")
+    p.add_argument("--query-block", type=int, default=1, help="1-D queries per block of the sparse core (1: per query)")
     p.add_argument("--lm", nargs="*", default=[], metavar="CONFIG",
                    help="also time training steps of these LM configs, interleaved (first = budget reference)")
     p.add_argument("--lm-steps", type=int, default=8)

@@ -3,8 +3,8 @@
 A selector (2-D BRA, 1-D causal BRA, DHSA, fixed block-sparse) decides, for each block of queries, which key
 blocks it may see, plus optionally which of those each query inside the block may see; this module computes
 softmax attention restricted to exactly those keys. ``reference.py`` is the definition (a dense boolean mask);
-``chunked.py`` is the memory-frugal PyTorch implementation used for training (a Triton kernel will dispatch
-here on CUDA, behind the same call).
+``chunked.py`` is the memory-frugal PyTorch implementation used for training, ``per_query.py`` its variant for
+selections made per query (``q_block_size=1``); a Triton kernel will dispatch here on CUDA, behind the same call.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import BlockSparseAttention
+from .per_query import per_query_attention
 
 
 def block_sparse_attention(
@@ -67,8 +68,14 @@ def block_sparse_attention(
     key_ok = torch.arange(nkb * bs, device=q.device) < Tk  # [nkb·bs]
     key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
     key_ok = key_ok.view(B, 1, nkb, bs).expand(B, H, nkb, bs).reshape(N, nkb, bs)
-    chunk = max(1, nkb // max(S, 1))  # query blocks per chunk: gathered keys ~ Tk
     scale = hd**-0.5 if scale is None else scale
+    if qbs == 1 and q.device.type != "meta":  # per-query selections: group queries by key block (the meta
+        # device, used for FLOP counting, cannot run its data-dependent grouping and takes the chunked path)
+        ok = slot_ok if token_mask is None else slot_ok & token_mask.view(N, nqb, S)
+        out = per_query_attention(blocks(q, nqb, 1).view(N, Tq, hd), blocks(k, nkb, bs), blocks(v, nkb, bs),
+                                  torch.where(ok, idx, -1), key_ok, causal, scale)  # fmt: skip
+        return out.view(B, H, Tq, hd).transpose(1, 2)
+    chunk = max(1, nkb // max(S, 1))  # query blocks per chunk: gathered keys ~ Tk
     # the Triton kernel (CUDA) will dispatch here; the PyTorch implementation runs everywhere
     out = BlockSparseAttention.apply(
         blocks(q, nqb, qbs), blocks(k, nkb, bs), blocks(v, nkb, bs), idx, slot_ok, token_mask, key_ok,

@@ -113,7 +113,7 @@ def brute_force_mask(q, k, region_size, topk, attend_first):
 
 
 @pytest.mark.parametrize("attend_first", [False, True])
-@pytest.mark.parametrize("query_block", [None, 2])
+@pytest.mark.parametrize("query_block", [None, 2, 1])
 def test_1d_routing_matches_brute_force_definition(attend_first, query_block):
     torch.manual_seed(1)
     B, T, H, hd, R = 2, 29, 4, 8, 4

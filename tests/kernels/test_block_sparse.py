@@ -29,6 +29,8 @@ CASES = [  # B, H, Hkv, Tq, hd, block_size, q_block_size, S, Hs, causal, token_m
     (2, 4, 4, 37, 16, 8, None, 3, 4, True, False, False),  # per-head selection, causal
     (3, 2, 1, 45, 8, 16, 4, 3, 2, True, True, False),  # GQA, small query blocks, per-token mask
     (1, 4, 2, 50, 4, 7, 5, 4, 1, False, True, True),
+    (2, 2, 2, 27, 8, 4, 1, 3, 2, True, False, True),  # per-query selections (grouped by key block)
+    (1, 3, 1, 30, 8, 8, 1, 2, 1, False, True, False),
 ]
 
 
