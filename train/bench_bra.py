@@ -6,14 +6,17 @@ copies the top-k regions of K and V for every query region).
 Table 2 (1-D causal, one layer's attention, batch 1, 4 heads of 64): causal BRA (routing + block-sparse core)
 against dense causal SDPA at several lengths.
 
-Each cell runs in a fresh process: memory is the peak resident set size of the operation above what its
+Each cell runs in fresh processes: memory is the peak resident set size of the operation above what its
 inputs already hold (``/proc/self/clear_refs`` resets the peak; on CUDA the allocator's peak), time the median of
-``--reps`` runs after one warm-up. Ratios compare cells of the same run.
+``--reps`` runs after one warm-up. Ratios compare cells of the same run. On a shared CPU, ``--threads 1`` avoids
+OpenMP barriers waiting for descheduled threads (which penalise many small ops far more than a few large ones).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -91,20 +94,27 @@ def _run_cell(kind: str, impl: str, mode: str, size: int, reps: int, device: str
     return {"ms": 1e3 * statistics.median(times), "peak_mib": peak / 2**20, "kv_mib": kv_bytes / 2**20}
 
 
-def _cell(*args) -> dict:
-    """Run one cell in a fresh Python process (clean allocator, clean peak)."""
-    code = f"import json, sys; from train.bench_bra import _run_cell; print(json.dumps(_run_cell(*{args!r})))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"bench cell {args} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _fresh_process_cell(*args, threads: int = 0) -> dict:
+    """Run one cell in fresh Python processes: one for time (the normal allocator), one for memory, where every
+    allocation above 64 KiB is its own mmap (``MALLOC_MMAP_THRESHOLD_``), returned to the system when freed,
+    so that RSS follows live memory."""
+    code = (f"import json, torch; torch.set_num_threads({threads} or torch.get_num_threads()); "
+            f"from train.bench_bra import _run_cell; print(json.dumps(_run_cell(*{args!r})))")  # fmt: skip
+    results = []
+    for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+        if out.returncode:
+            raise RuntimeError(f"bench cell {args} failed:\n{out.stderr[-2000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {**results[0], "peak_mib": results[1]["peak_mib"]}
 
 
 def bench_bra(batch: int = 64, lengths=(4096, 8192, 16384), reps: int = 3, region: int = 64, topk: int = 4,
-              query_block: int = 1) -> dict:  # fmt: skip
+              query_block: int = 1, threads: int = 0) -> dict:  # fmt: skip
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mem = "peak alloc" if device == "cuda" else "peak RSS"
-    print(f"bench-bra on {device} ({torch.get_num_threads()} threads); memory = {mem} above the inputs, "
+    _cell = functools.partial(_fresh_process_cell, threads=threads)
+    print(f"bench-bra on {device} ({threads or torch.get_num_threads()} threads); memory = {mem} above the inputs, "
           f"time = median of {reps}\n")
     r2 = {}
     if batch:

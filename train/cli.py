@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", type=int, default=64, help="1-D region size")
     p.add_argument("--topk", type=int, default=4, help="1-D routed past regions per query")
     p.add_argument("--query-block", type=int, default=1, help="1-D queries per block of the sparse core (1: per query)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")
     p.add_argument("--lm", nargs="*", default=[], metavar="CONFIG",
                    help="also time training steps of these LM configs, interleaved (first = budget reference)")
     p.add_argument("--lm-steps", type=int, default=8)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench_bra import bench_bra, lm_step_times
 
             if args.lengths or args.batch:  # --batch 0 --lengths: only the LM step times
-                bench_bra(args.batch, args.lengths, args.reps, args.region, args.topk, args.query_block)
+                bench_bra(args.batch, args.lengths, args.reps, args.region, args.topk, args.query_block, args.threads)
             if args.lm:
                 lm_step_times(args.lm, args.lm_steps)
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:

@@ -75,7 +75,7 @@ def block_sparse_attention(
         out = per_query_attention(blocks(q, nqb, 1).view(N, Tq, hd), blocks(k, nkb, bs), blocks(v, nkb, bs),
                                   torch.where(ok, idx, -1), key_ok, causal, scale)  # fmt: skip
         return out.view(B, H, Tq, hd).transpose(1, 2)
-    chunk = max(1, nkb // max(S, 1))  # query blocks per chunk: gathered keys ~ Tk
+    chunk = max(1, nkb // max(2 * S, 1))  # query blocks per chunk: gathered keys ~ Tk / 2
     # the Triton kernel (CUDA) will dispatch here; the PyTorch implementation runs everywhere
     out = BlockSparseAttention.apply(
         blocks(q, nqb, qbs), blocks(k, nkb, bs), blocks(v, nkb, bs), idx, slot_ok, token_mask, key_ok,
