@@ -133,8 +133,10 @@ class CausalBRA(CausalSelfAttention):
     """Causal bi-level routing attention for LMs (``causal_routing`` selects, ``block_sparse_attention``
     attends). Same projections and RoPE as the dense mixer; routing uses the rotated q and k, so q_t · k̄_r is
     the mean attention logit of t over region r. ``topk`` >= the number of past regions (or ``all``) is exactly
-    dense causal attention. ``query_block``: queries per block of the sparse core (default ``region_size``);
-    smaller blocks give smaller unions of per-token selections. Must divide ``region_size``."""
+    dense causal attention. ``query_block`` (must divide ``region_size``): queries per block of the sparse core.
+    The core visits, for each query block, the union of its queries' selections (masked per query), so the
+    default ``region_size`` suits short contexts, while ``1`` (per-query selections, grouped by key block) keeps
+    the work proportional to top-k on long ones, where a block's union approaches every past region."""
 
     def __init__(
         self, ctx: LayerContext, *, region_size: int = 64, topk: TopK = 4, attend_first: bool = False,

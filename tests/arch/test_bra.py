@@ -118,10 +118,8 @@ def test_1d_routing_matches_brute_force_definition(attend_first, query_block):
     torch.manual_seed(1)
     B, T, H, hd, R = 2, 29, 4, 8, 4
     q, k, v = torch.randn(B, T, H, hd, dtype=torch.float64), *torch.randn(2, B, T, 2, hd, dtype=torch.float64)
-    ctx = lm().blocks[0].mixer  # any CausalBRA: we only use its attend()
-    mixer = CausalBRA.__new__(CausalBRA)
-    mixer.__dict__.update(ctx.__dict__)
-    mixer.region_size, mixer.topk, mixer.attend_first, mixer.query_block = R, 2, attend_first, query_block or R
+    mixer = lm(region_size=R, topk=2, attend_first=attend_first, query_block=query_block).blocks[0].mixer
+    assert isinstance(mixer, CausalBRA)
     out = mixer.attend(q, k, v)
     mask = brute_force_mask(q, k, R, 2, attend_first)
     assert mask.float().mean() < 0.4  # sparse: 2 of up to 7 past regions
