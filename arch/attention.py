@@ -68,5 +68,10 @@ class CausalSelfAttention(nn.Module):
         q = self.rope(self.q(x).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, hd]
         k = self.rope(self.k(x).view(B, T, self.n_kv_heads, self.head_dim))  # [B, T, Hkv, hd]
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim)
-        y = causal_attention(q, k, v, self.attn_backend)  # [B, T, H, hd]
+        y = self.attend(q, k, v)  # [B, T, H, hd]
         return self.o(y.reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q [B, T, H, hd] over k, v [B, T, Hkv, hd] -> [B, T, H, hd]; sparse mixers override
+        this (and only this)."""
+        return causal_attention(q, k, v, self.attn_backend)

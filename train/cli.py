@@ -7,6 +7,7 @@
     python -m train grow <checkpoint | run dir> --scale 2 [--out DIR]
     python -m train bench configs/gpt-tiny.yaml [--steps N]
     python -m train oracle <checkpoint | run dir> [--budget K | --all-budgets] [--with-skip] [--batches N]
+    python -m train bench-bra [--batch 64] [--lengths 4096 8192 16384] [--lm configs/gpt-tiny.yaml configs/bra-tiny.yaml]
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=8, help="held-out batches (data.batch_size x data.seq_len tokens)")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/oracle)")
     p.add_argument("--chunk", type=int, default=16, help="route prefixes per batched module call")
+
+    p = sub.add_parser("bench-bra", help="bi-level routing attention vs the gather reference (2-D) and dense SDPA (1-D)")
+    p.add_argument("--batch", type=int, default=64, help="2-D batch (BiFormer-S stage 3)")
+    p.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384], help="1-D sequence lengths")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per cell")
+    p.add_argument("--region", type=int, default=64, help="1-D region size")
+    p.add_argument("--topk", type=int, default=4, help="1-D routed past regions per query")
+    p.add_argument("--query-block", type=int, default=1, help="1-D queries per block of the sparse core (1: per query)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")
+    p.add_argument("--lm", nargs="*", default=[], metavar="CONFIG",
+                   help="also time training steps of these LM configs, interleaved (first = budget reference)")
+    p.add_argument("--lm-steps", type=int, default=8)
     return parser
 
 
@@ -112,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
             oracle(args.target, args.overrides, budget=args.budget, with_skip=args.with_skip, batches=args.batches,
                    out_dir=args.out, chunk=args.chunk)  # fmt: skip
+        elif args.command == "bench-bra":
+            from .bench_bra import bench_bra, lm_step_times
+
+            if args.lengths or args.batch:  # --batch 0 --lengths: only the LM step times
+                bench_bra(args.batch, args.lengths, args.reps, args.region, args.topk, args.query_block, args.threads)
+            if args.lm:
+                lm_step_times(args.lm, args.lm_steps)
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2

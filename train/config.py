@@ -36,6 +36,8 @@ class DataConfig:
     seq_len: Optional[int] = None  # None = model.max_seq_len
     val_batches: Optional[int] = 50  # batches per periodic validation; None = the whole held-out split
     cache_dir: str = "~/.cache/adaptive-compute"
+    augment: dict = dataclasses.field(default_factory=dict)  # image classification: see train.images.AugmentConfig
+    num_workers: int = 0  # image classification: DataLoader worker processes
 
 
 @dataclasses.dataclass
@@ -136,6 +138,7 @@ def validate(cfg: Mapping) -> dict:
     for key, schema in SECTIONS.items():
         cfg[key] = check_fields(cfg.get(key) or {}, fields_of_dataclass(schema), key)
     cfg["seed"] = int(cfg.get("seed", 0))
+    from . import images
     from .data import SOURCES
 
     cfg["data"]["source"] = SOURCES.build_spec(cfg["data"]["source"], "data.source")
@@ -144,9 +147,17 @@ def validate(cfg: Mapping) -> dict:
     with torch.device("meta"):
         model = build_model(cfg["model"])
     cfg["model"] = dict(model.config)
-    if cfg["data"]["seq_len"] is None:
+    task, source_task = task_of(cfg), getattr(SOURCES.get(cfg["data"]["source"]["type"], ""), "task", "lm")
+    if task != source_task:
+        raise ConfigError(f"data.source.type: {cfg['data']['source']['type']!r} is a {source_task} source but "
+                          f"model.kind {cfg['model']['kind']!r} is a {task} model")  # fmt: skip
+    if task == "classification":
+        cfg["data"]["augment"] = check_fields(cfg["data"]["augment"], fields_of_dataclass(images.AugmentConfig), "data.augment")
+    elif cfg["data"]["augment"]:
+        raise ConfigError("data.augment: only image classification models take augmentation")
+    if task == "lm" and cfg["data"]["seq_len"] is None:
         cfg["data"]["seq_len"] = cfg["model"]["max_seq_len"]
-    if cfg["data"]["seq_len"] > cfg["model"]["max_seq_len"]:
+    if task == "lm" and cfg["data"]["seq_len"] > cfg["model"]["max_seq_len"]:
         raise ConfigError(
             f"data.seq_len: {cfg['data']['seq_len']} exceeds model.max_seq_len={cfg['model']['max_seq_len']}"
         )
@@ -163,3 +174,10 @@ def validate(cfg: Mapping) -> dict:
     if cfg["optim"]["warmup_steps"] < 0 or len(cfg["optim"]["betas"]) != 2:
         raise ConfigError("optim: warmup_steps must be >= 0 and betas a list of two floats")
     return cfg
+
+
+def task_of(cfg: Mapping) -> str:
+    """``"lm"`` or ``"classification"``: what the config's model kind is trained for."""
+    from arch import MODELS
+
+    return getattr(MODELS.get(cfg["model"].get("kind", "lm"), "model.kind"), "task", "lm")

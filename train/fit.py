@@ -21,10 +21,10 @@ from arch.io import atomic_write, save_pretrained
 from .checkpoint import (
     AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, latest_checkpoint, load_trained, read_checkpoint,
 )  # fmt: skip
+from .config import load_config, task_of
 from .grow import FreezeOldTokens
-from .config import load_config
 from .data import LMDataModule, bits_per_byte
-from .module import LMModule
+from .module import ClassifierModule, LMModule
 
 RUN_DIR_ENV = "ADAPTIVE_COMPUTE_RUN_DIR"  # shared with the processes that `strategy=ddp` launches
 
@@ -109,6 +109,10 @@ def init_source(cfg: dict, source: str) -> tuple[dict, torch.nn.Module, bool]:
 
 def _fit(config_path: str, overrides, resume: str | None, init_from: str | None) -> dict:
     cfg = load_config(config_path, overrides)
+    if task_of(cfg) == "classification":
+        if resume or init_from:
+            raise ConfigError("--resume / --init-from: implemented for language models only")
+        return _fit_classifier(cfg)
     init_model = None
     if init_from:
         if resume:
@@ -160,4 +164,39 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
 
             text = generate_text(module.model, data.tokenizer, cfg["trainer"]["sample_prompt"], cfg["trainer"]["sample_tokens"])
             print("sample:\n" + "-" * 72 + "\n" + text + "\n" + "-" * 72)
+    return result
+
+
+def _fit_classifier(cfg: dict) -> dict:
+    """Train an image classifier; returns {"run_dir", "val_loss", "val_acc1", "val_acc5"}."""
+    from .images import ImageDataModule
+
+    run_dir = make_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    data = ImageDataModule(cfg)
+    data.setup()
+    module = ClassifierModule(cfg)
+    n_params = sum(p.numel() for p in module.model.parameters())
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(OmegaConf.create(cfg), p))
+        src = cfg["data"]["source"]
+        print(
+            f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {src['type']}: {len(data.splits['train'])} "
+            f"training / {len(data.splits['validation'])} held-out images, {data.source.num_classes} classes, "
+            f"{cfg['trainer']['max_steps']} steps of {cfg['data']['batch_size']} images\n"
+            f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)",
+            flush=True,
+        )
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, data, weights_only=True)
+    val = trainer.validate(module, data, verbose=False, weights_only=True)[0]
+    result = {"run_dir": run_dir, "val_loss": float(val["val/loss"]), "val_acc1": float(val["val/acc1"]),
+              "val_acc5": float(val["val/acc5"])}  # fmt: skip
+    if trainer.is_global_zero:
+        save_pretrained(module.model, run_dir / "model")
+        print(f"validation: loss {result['val_loss']:.4f}, top-1 {100 * result['val_acc1']:.2f}%, "
+              f"top-5 {100 * result['val_acc5']:.2f}% (all {len(data.splits['validation'])} held-out images)")
+        print(f"exported {run_dir / 'model'} (model.safetensors + config.yaml)")
     return result

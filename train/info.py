@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from arch import build_model
 
-from .config import load_config
+from .config import load_config, task_of
 
 
 def forward_flops_per_token(model_cfg: dict, seq_len: int | None = None) -> float:
@@ -34,9 +34,44 @@ def _spec(spec: dict) -> str:
     return f"{spec['type']} {opts}".strip()
 
 
+# BiFormer paper, Table 1 (ImageNet-1k, 224×224): (depths, dims) -> (name, params M, GFLOPs as fvcore counts
+# them, i.e. multiply-accumulates)
+PAPER_BIFORMER = {
+    ((2, 2, 8, 2), (64, 128, 256, 512)): ("BiFormer-T", 13.1, 2.2),
+    ((4, 4, 18, 4), (64, 128, 256, 512)): ("BiFormer-S", 25.5, 4.5),
+    ((4, 4, 18, 4), (96, 192, 384, 768)): ("BiFormer-B", 56.8, 9.8),
+}
+
+
+def image_forward_flops(model_cfg: dict, size: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of one ``size``×``size`` image, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, model_cfg["in_chans"], size, size))
+    return counter.get_total_flops()
+
+
+def classifier_info(cfg: dict) -> dict:
+    m = cfg["model"]
+    with torch.device("meta"):
+        model = build_model(m)
+    params = count_params(model)
+    size = m["image_size"]
+    flops = image_forward_flops(m, size)
+    paper = PAPER_BIFORMER.get((tuple(m["depths"]), tuple(m["dims"])))
+    print(f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M)"
+          + (f"  | paper ({paper[0]}, 1000 classes): {paper[1]}M" if paper else ""))  # fmt: skip
+    print(f"FLOPs at {size}x{size}: {flops / 2e9:.3f} G multiply-adds ({flops / 1e9:.3f} GFLOP)"
+          + (f"  | paper: {paper[2]} G (fvcore counts multiply-adds)" if paper else ""))  # fmt: skip
+    return {"params": params, "forward_flops": flops, "paper": paper}
+
+
 def info(config_path: str, overrides=()) -> dict:
     cfg = load_config(config_path, overrides)
     print(f"# resolved config of {config_path}\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    if task_of(cfg) == "classification":
+        return classifier_info(cfg)
     with torch.device("meta"):
         model = build_model(cfg["model"])
     rows = model.layer_table() if hasattr(model, "layer_table") else []

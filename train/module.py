@@ -84,8 +84,8 @@ class LMModule(L.LightningModule):
         if self.cfg["trainer"]["compile"] and self._fwd is None:
             self._fwd = torch.compile(self.model)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (self._fwd or self.model)(input_ids)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (self._fwd or self.model)(inputs)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -142,3 +142,41 @@ class LMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._t_last, self._tokens = time.perf_counter(), 0
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Fraction of rows whose label is among the ``k`` highest logits (k capped at the number of classes)."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [B, k]
+    return (top == labels[:, None]).any(-1).float().mean()
+
+
+class ClassifierModule(LMModule):
+    """Trains an image classifier (``arch.build_model(cfg["model"])``, images -> logits) with cross-entropy.
+
+    Logged: train/loss, train/acc1, train/images_per_s, train/grad_norm, lr, val/loss, val/acc1, val/acc5.
+    Optimizer, schedule, clipping and the NaN stop are the LM module's."""
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch  # [B, C, H, W], [B]
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
+        self._tokens += labels.numel()
+        self.log("train/loss", loss, prog_bar=True)
+        if (self.global_step + 1) % self.cfg["trainer"]["log_every"] == 0:
+            self.check_finite()
+            self.log("train/acc1", topk_accuracy(logits.detach(), labels, 1))
+            now = time.perf_counter()
+            if self._t_last is not None:
+                self.log("train/images_per_s", self._tokens / (now - self._t_last), prog_bar=True)
+            self._t_last, self._tokens = now, 0
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        n = labels.shape[0]
+        self.log("val/loss", F.cross_entropy(logits.float(), labels), prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/acc1", topk_accuracy(logits, labels, 1), prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/acc5", topk_accuracy(logits, labels, 5), sync_dist=True, batch_size=n)

@@ -14,6 +14,10 @@ VARIANTS = {
     "gelu-layernorm-untied": {"ffn": {"type": "mlp", "activation": "gelu"}, "norm": "layernorm", "tie_embeddings": False},
     "gqa-partial-rope-np-ln": {"n_kv_heads": 1, "rope_fraction": 0.25, "norm": "layernorm_np"},
     "mixed-layers": {"layers": {"1": {"ffn": {"type": "mlp", "activation": "gelu", "d_ff": 40}}}},
+    "bra": {"mixer": {"type": "bra", "region_size": 4, "topk": 2}},
+    "bra-per-query": {"mixer": {"type": "bra", "region_size": 4, "topk": 2, "query_block": 1}},
+    "bra-gqa-first-qblock": {"n_kv_heads": 2, "mixer": {"type": "bra", "region_size": 4, "topk": 1,
+                                                        "attend_first": True, "query_block": 2}},
 }
 
 
