@@ -82,10 +82,11 @@ class LMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.cfg["trainer"]["compile"] and self._fwd is None:
-            self._fwd = torch.compile(self.model)
+            # kept out of the module tree: the checkpoint holds `model.*` once, not a `_orig_mod` copy
+            object.__setattr__(self, "_fwd", torch.compile(self.model))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return (self._fwd or self.model)(inputs)
+        return (self.model if self._fwd is None else self._fwd)(inputs)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         rank = self.trainer.global_rank if self._trainer is not None else 0

@@ -137,3 +137,12 @@ def test_ddp_two_cpu_processes_keep_replicas_in_sync(tmp_path, cache_dir):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "replicas in sync across 2 processes" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_compile_and_bf16_options_train_and_checkpoint_plain_weights(tmp_path, cache_dir):
+    out = fit(TINY, micro_overrides(tmp_path, cache_dir, **{"trainer.compile": True, "trainer.precision": "bf16-mixed",
+                                                            "trainer.max_steps": 2}))  # fmt: skip
+    state = read_checkpoint(out["run_dir"])["state_dict"]
+    assert state and all(k.startswith("model.") for k in state)  # no compiled-wrapper duplicate
+    assert out["val_loss"] < 6.0
