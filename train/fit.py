@@ -109,10 +109,9 @@ def init_source(cfg: dict, source: str) -> tuple[dict, torch.nn.Module, bool]:
 
 def _fit(config_path: str, overrides, resume: str | None, init_from: str | None) -> dict:
     cfg = load_config(config_path, overrides)
-    if task_of(cfg) == "classification":
-        if resume or init_from:
-            raise ConfigError("--resume / --init-from: implemented for language models only")
-        return _fit_classifier(cfg)
+    classify = task_of(cfg) == "classification"
+    if classify and (resume or init_from):
+        raise ConfigError("--resume / --init-from: implemented for language models only")
     init_model = None
     if init_from:
         if resume:
@@ -128,19 +127,30 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     run_dir = make_run_dir(cfg) if ckpt_path is None else ckpt_path.parent.parent
     os.environ[RUN_DIR_ENV] = str(run_dir)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    data = LMDataModule(cfg)
-    data.setup()
-    module = LMModule(cfg, data.bytes_per_token)
+    steps, B = cfg["trainer"]["max_steps"], cfg["data"]["batch_size"]
+    if classify:
+        from .images import ImageDataModule
+
+        data = ImageDataModule(cfg)
+        data.setup()
+        module = ClassifierModule(cfg)
+        what = (f"{cfg['data']['source']['type']}: {len(data.splits['train'])} training / "
+                f"{len(data.splits['validation'])} held-out images, {data.source.num_classes} classes, "
+                f"{steps} steps of {B} images")  # fmt: skip
+    else:
+        data = LMDataModule(cfg)
+        data.setup()
+        module = LMModule(cfg, data.bytes_per_token)
+        what = (f"{len(data.splits['train']['tokens']) / 1e6:.2f}M training tokens, "
+                f"{steps} steps of {B}x{cfg['data']['seq_len']} tokens")  # fmt: skip
     if init_model is not None:
         module.model.load_state_dict(init_model.state_dict())
     n_params = sum(p.numel() for p in module.model.parameters())
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(OmegaConf.create(cfg), p))
-        ntr = len(data.splits["train"]["tokens"])
         print(
-            f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {ntr / 1e6:.2f}M training tokens, "
-            f"{cfg['trainer']['max_steps']} steps of {cfg['data']['batch_size']}x{cfg['data']['seq_len']} tokens\n"
+            f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {what}\n"
             f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)"
             + (f"\n  resuming from {ckpt_path}" if ckpt_path else "")
             + (f"\n  weights initialised from {init_from} (fresh optimizer and schedule)" if init_from else "")
@@ -152,51 +162,22 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     trainer = build_trainer(cfg, run_dir, callbacks)
     trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
     val = trainer.validate(module, data, verbose=False, weights_only=True)[0]
-    val_loss = float(val["val/loss"])
-    result = {"run_dir": run_dir, "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, data.bytes_per_token)}
+    result = {"run_dir": run_dir, "val_loss": float(val["val/loss"])}
+    if classify:
+        result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
+        report = (f"validation: loss {result['val_loss']:.4f}, top-1 {100 * result['val_acc1']:.2f}%, "
+                  f"top-5 {100 * result['val_acc5']:.2f}% (all {len(data.splits['validation'])} held-out images)")  # fmt: skip
+    else:
+        result["val_bpb"] = bits_per_byte(result["val_loss"], data.bytes_per_token)
+        report = (f"validation loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte "
+                  f"(held-out, {cfg['data']['val_batches'] or 'all'} batches)")  # fmt: skip
     if trainer.is_global_zero:
         save_pretrained(module.model, run_dir / "model")
-        print(f"validation loss {val_loss:.4f} nats/token, {result['val_bpb']:.4f} bits/byte "
-              f"(held-out, {cfg['data']['val_batches'] or 'all'} batches)")  # fmt: skip
+        print(report)
         print(f"exported {run_dir / 'model'} (model.safetensors + config.yaml)")
-        if cfg["trainer"]["sample_tokens"] > 0:
+        if not classify and cfg["trainer"]["sample_tokens"] > 0:
             from .generate import generate_text
 
             text = generate_text(module.model, data.tokenizer, cfg["trainer"]["sample_prompt"], cfg["trainer"]["sample_tokens"])
             print("sample:\n" + "-" * 72 + "\n" + text + "\n" + "-" * 72)
-    return result
-
-
-def _fit_classifier(cfg: dict) -> dict:
-    """Train an image classifier; returns {"run_dir", "val_loss", "val_acc1", "val_acc5"}."""
-    from .images import ImageDataModule
-
-    run_dir = make_run_dir(cfg)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    data = ImageDataModule(cfg)
-    data.setup()
-    module = ClassifierModule(cfg)
-    n_params = sum(p.numel() for p in module.model.parameters())
-    if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(OmegaConf.create(cfg), p))
-        src = cfg["data"]["source"]
-        print(
-            f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {src['type']}: {len(data.splits['train'])} "
-            f"training / {len(data.splits['validation'])} held-out images, {data.source.num_classes} classes, "
-            f"{cfg['trainer']['max_steps']} steps of {cfg['data']['batch_size']} images\n"
-            f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)",
-            flush=True,
-        )
-    trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, data, weights_only=True)
-    val = trainer.validate(module, data, verbose=False, weights_only=True)[0]
-    result = {"run_dir": run_dir, "val_loss": float(val["val/loss"]), "val_acc1": float(val["val/acc1"]),
-              "val_acc5": float(val["val/acc5"])}  # fmt: skip
-    if trainer.is_global_zero:
-        save_pretrained(module.model, run_dir / "model")
-        print(f"validation: loss {result['val_loss']:.4f}, top-1 {100 * result['val_acc1']:.2f}%, "
-              f"top-5 {100 * result['val_acc5']:.2f}% (all {len(data.splits['validation'])} held-out images)")
-        print(f"exported {run_dir / 'model'} (model.safetensors + config.yaml)")
     return result

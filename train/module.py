@@ -78,7 +78,7 @@ class LMModule(L.LightningModule):
             freeze_backbone(self.model)
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
         self._fwd = None
-        self._t_last, self._tokens = None, 0
+        self._t_last, self._items = None, 0
 
     def configure_model(self) -> None:
         if self.cfg["trainer"]["compile"] and self._fwd is None:
@@ -94,24 +94,31 @@ class LMModule(L.LightningModule):
             self.duo.before_batch(self.global_step, batch_idx % self.cfg["trainer"]["accumulate_grad_batches"], rank)
         loss = lm_loss(self, batch)
         aux = self.duo.aux_loss() if self.duo else None
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
-        self._tokens += batch[:, 1:].numel()
-        self.log("train/loss", loss, prog_bar=True)
-        if (self.global_step + 1) % self.cfg["trainer"]["log_every"] == 0:
-            self.check_finite()
+        if self.track(loss, batch[:, 1:].numel(), "train/tokens_per_s"):
             self.log("train/bpb", loss.detach() / math.log(2) / self.bytes_per_token)
             if self.duo:
                 self.log_dict(self.duo.stats())
-            now = time.perf_counter()
-            if self._t_last is not None:
-                world = self.trainer.world_size if self._trainer is not None else 1
-                self.log("train/tokens_per_s", self._tokens * world / (now - self._t_last), prog_bar=True)
-            self._t_last, self._tokens = now, 0
         if aux is not None:
             self.log("train/router_aux", aux.detach())
             return loss + aux
         return loss
+
+    def track(self, loss: torch.Tensor, n_items: int, rate_name: str) -> bool:
+        """Per-step bookkeeping shared by every task: the on-device non-finite flag, train/loss, and, on log steps
+        (the return value), the NaN check and the throughput ``rate_name`` (items per second, all processes)."""
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
+        self._items += n_items
+        self.log("train/loss", loss, prog_bar=True)
+        if (self.global_step + 1) % self.cfg["trainer"]["log_every"]:
+            return False
+        self.check_finite()
+        now = time.perf_counter()
+        if self._t_last is not None:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log(rate_name, self._items * world / (now - self._t_last), prog_bar=True)
+        self._t_last, self._items = now, 0
+        return True
 
     def check_finite(self) -> None:
         step = int(self.first_bad_step)
@@ -142,7 +149,7 @@ class LMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        self._t_last, self._tokens = time.perf_counter(), 0
+        self._t_last, self._items = time.perf_counter(), 0
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,17 +168,8 @@ class ClassifierModule(LMModule):
         images, labels = batch  # [B, C, H, W], [B]
         logits = self(images)
         loss = F.cross_entropy(logits.float(), labels)
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
-        self._tokens += labels.numel()
-        self.log("train/loss", loss, prog_bar=True)
-        if (self.global_step + 1) % self.cfg["trainer"]["log_every"] == 0:
-            self.check_finite()
+        if self.track(loss, labels.numel(), "train/images_per_s"):
             self.log("train/acc1", topk_accuracy(logits.detach(), labels, 1))
-            now = time.perf_counter()
-            if self._t_last is not None:
-                self.log("train/images_per_s", self._tokens / (now - self._t_last), prog_bar=True)
-            self._t_last, self._tokens = now, 0
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
