@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from . import attention, biformer, bra, duo, lm, mlp, norms, pattention, proj  # noqa: F401  (register the built-in blocks)
+from . import attention, biformer, bra, dhsa, duo, lm, mlp, norms, pattention, proj  # noqa: F401  (register the built-in blocks)
 from .config import LayerContext, to_plain
 from .growth import grow
 from .io import load_pretrained, save_pretrained

@@ -75,3 +75,32 @@ class CausalSelfAttention(nn.Module):
         """Causal attention of q [B, T, H, hd] over k, v [B, T, Hkv, hd] -> [B, T, H, hd]; sparse mixers override
         this (and only this)."""
         return causal_attention(q, k, v, self.attn_backend)
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Incremental decoding: x [B, 1, D] is the token at position ``cache["t"]`` (0 when empty); its keys and
+        values are appended to ``cache["k"]``, ``cache["v"]`` ([B, t+1, Hkv, hd]) -> [B, 1, D]. Equals the last
+        row of ``forward`` on the whole sequence."""
+        B, t = x.shape[0], cache.get("t", 0)
+        q = self.rope(self.q(x).view(B, 1, self.n_heads, self.head_dim), offset=t)  # [B, 1, H, hd]
+        k = self.rope(self.k(x).view(B, 1, self.n_kv_heads, self.head_dim), offset=t)  # [B, 1, Hkv, hd]
+        v = self.v(x).view(B, 1, self.n_kv_heads, self.head_dim)
+        for name, new in (("k", k), ("v", v)):
+            cache[name] = new if t == 0 else torch.cat([cache[name], new], dim=1)
+        y = self.attend_step(q, cache)  # [B, 1, H, hd]
+        cache["t"] = t + 1
+        return self.o(y.reshape(B, 1, self.n_heads * self.head_dim))
+
+    def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Attention of the newest query q [B, 1, H, hd] over every cached key (``cache["k"]``, ``cache["v"]``,
+        current token included) -> [B, 1, H, hd]; sparse mixers override this for decoding."""
+        return attend_keys(q, cache["k"], cache["v"])
+
+
+def attend_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(hd)) v for decoding: q [B, 1, H, hd] over k, v [B, S, Hkv, hd]; ``visible`` (BoolTensor
+    [B, S]) masks keys out -> [B, 1, H, hd]."""
+    mask = None if visible is None else visible[:, None, None, :]  # [B, 1, 1, S]
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2]
+    )
+    return y.transpose(1, 2)

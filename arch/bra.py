@@ -154,3 +154,6 @@ class CausalBRA(CausalSelfAttention):
         kv_blocks, token_mask = causal_routing(q, k, self.region_size, self.topk, self.query_block, self.attend_first)
         return block_sparse_attention(q, k, v, kv_blocks, block_size=self.region_size, q_block_size=self.query_block,
                                       causal=True, token_mask=token_mask)  # fmt: skip
+
+    def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:
+        raise NotImplementedError("mixer 'bra' has no incremental decoding yet; run the whole sequence instead")

@@ -34,6 +34,11 @@ class Block(nn.Module):
     def feed_forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:  # x + ffn(norm2(x))
         return x + (self.ffn(self.norm2(x)) if route is None else self.ffn(self.norm2(x), route=route))
 
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:  # [B, 1, D]: one new token, see CausalLM.step
+        if not hasattr(self.mixer, "step"):
+            raise NotImplementedError(f"{type(self.mixer).__name__} has no incremental decoding (mixer.step)")
+        return self.feed_forward(x + self.mixer.step(self.norm1(x), cache))
+
 
 @MODELS.register("lm")
 class CausalLM(nn.Module):
@@ -77,6 +82,22 @@ class CausalLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x) if routes is None else block(x, route=routes[i])
         return self.head(self.norm_f(x))  # [B, T, vocab]
+
+    def new_cache(self) -> list[dict]:
+        """Empty per-layer decoding state for :meth:`step`."""
+        return [{} for _ in self.blocks]
+
+    def step(self, input_ids: torch.Tensor, cache: list[dict]) -> torch.Tensor:
+        """Incremental decoding: input_ids [B, 1] is the next token; ``cache`` (from :meth:`new_cache`) holds
+        every layer's keys, values and mixer state and is updated in place -> logits [B, 1, vocab], equal to the
+        last row of ``forward`` on the whole sequence so far."""
+        t = cache[0].get("t", 0)
+        if t >= self.max_seq_len:
+            raise ValueError(f"decoding position {t} exceeds this model's max_seq_len={self.max_seq_len}")
+        x = self.tok_emb(input_ids)  # [B, 1, D]
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block.step(x, layer_cache)
+        return self.head(self.norm_f(x))  # [B, 1, vocab]
 
     def layer_table(self) -> list[dict]:
         """One row per layer: its mixer, FFN and projection specs (for ``python -m train info``)."""

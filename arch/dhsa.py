@@ -1,0 +1,372 @@
+"""Dynamic hierarchical sparse attention (DHSA: Xiong et al., "Long-Context Modeling with Dynamic Hierarchical
+Sparse Attention for On-Device LLMs", arXiv 2510.24606), a *selector* over ``kernels.block_sparse``.
+
+Per layer and sequence:
+
+1. **Chunking** (Sec. 3.1). A boundary score for every position p (a boundary = a chunk starts at p) from the
+   post-RoPE keys around p: the paper's learned ``BoundaryPredictor``, a parameter-free key-similarity score,
+   or fixed-size chunks (the paper's "block sparse" baseline). Positions whose score exceeds ``threshold`` and is
+   the maximum within ``nms_radius`` (1-D non-maximum suppression) start a chunk; so does every multiple of
+   ``max_chunk``, which bounds chunk length.
+2. **Chunk representations** (Sec. 3.2): Q_c = √|C| · mean of the chunk's queries, K_c likewise for keys
+   (averaged over heads: one selection for all heads), and chunk similarity S_c = Q_c K_cᵀ.
+3. **Selection** (Sec. 3.3): S_c upsampled to tokens (every key token scores as its chunk). Each block of
+   ``query_block`` queries sees a budget of ``budget`` key tokens: the ``n_init`` initial tokens and the
+   ``n_recent`` tokens before the block (plus the block itself) are forced; the rest of the budget goes to the
+   key tokens of highest score (whole chunks in score order; the chunk that crosses the budget contributes its
+   most recent tokens).
+4. **Attention** only over the selected keys: ``block_sparse_attention`` with one key per slot
+   (``block_size=1``), causally masked.
+
+Query modes (``mode``):
+
+* ``causal`` (default; the only one training accepts): the selection of a query block starting at i0 uses only
+  positions <= i0, so the LM stays causal. Its query representation is Q = √n · mean of the n = query_block
+  queries ending at i0; candidates are the *closed* chunks, whose end boundary is already decided at i0
+  (a boundary at p depends on keys up to p + ``lookahead``); the tokens after the last closed chunk are forced
+  like the recent ones. This is what makes decoding (``attend_step``) possible: chunk summaries are extended as
+  boundaries are decided, one chunk at a time, and each new query block selects over the chunks built so far.
+* ``prefill`` (inference only, as in the authors' code): every chunk is a candidate and a query block's
+  representation is the mean over its positions of their chunks' Q_c, which averages over later positions.
+
+Departures from the authors' code (PAPERS.md): non-maximum suppression keeps local maxima within the radius
+instead of greedy suppression in score order (greedy decisions chain arbitrarily far into the future, local ones
+are decided ``nms_radius`` positions later), and chunk length is capped by ``max_chunk`` instead of the
+chunk count by (L // block) · 8 (NMS already spaces boundaries by more than ``nms_radius``); each DHSA layer
+chunks its own keys (the paper shares the chunks of layer 0); the last 64 query positions are not made dense.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.block_sparse import block_sparse_attention
+
+from .attention import CausalSelfAttention, attend_keys
+from .config import LayerContext
+from .registry import MIXERS, ConfigError
+
+Chunker = Literal["similarity", "learned", "fixed"]
+Mode = Literal["causal", "prefill"]
+
+
+def key_windows(k: torch.Tensor, window: int, p0: int, p1: int) -> torch.Tensor:
+    """The 2·window keys around each candidate boundary p in [p0, p1): positions p-window .. p+window-1, zeros
+    outside the sequence. k: [B, T, C] -> [B, p1-p0, 2·window, C]."""
+    T = k.shape[1]
+    lo, hi = max(p0 - window, 0), min(p1 + window - 1, T)
+    kp = F.pad(k[:, lo:hi], (0, 0, lo - (p0 - window), (p1 + window - 1) - hi))  # [B, p1-p0+2w-1, C]
+    return kp.unfold(1, 2 * window, 1).transpose(-1, -2)
+
+
+class BoundaryPredictor(nn.Module):
+    """The paper's boundary predictor (authors' code): multi-head attention over the 2w keys around a candidate
+    boundary p, then LayerNorm; the two halves are mean-pooled into l and r; features
+    [l, r, |l − r|, l ⊙ r, cos(l, r)] -> Linear -> ReLU -> Linear -> boundary logit."""
+
+    def __init__(self, dim: int, n_heads: int, window: int = 4, hidden: int = 256):
+        super().__init__()
+        self.dim, self.n_heads, self.window, self.hidden = dim, n_heads, window, hidden
+        self.attn = nn.MultiheadAttention(dim, n_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(4 * dim + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, k: torch.Tensor, p0: int = 0, p1: Optional[int] = None, span: int = 4096) -> torch.Tensor:
+        """k: [B, T, dim] keys (all kv heads concatenated) -> logits [B, p1 - p0] of a boundary at p0..p1-1."""
+        B, T, _ = k.shape
+        p1 = T if p1 is None else p1
+        out = []
+        for a in range(p0, p1, span):  # bounded memory: 2w copies of `span` keys at a time
+            x = key_windows(k.to(self.norm.weight.dtype), self.window, a, min(a + span, p1)).flatten(0, 1)
+            h = self.norm(x + self.attn(x, x, x, need_weights=False)[0])  # [n, 2w, dim]
+            l, r = h[:, : self.window].mean(1), h[:, self.window :].mean(1)  # noqa: E741
+            feats = torch.cat([l, r, (l - r).abs(), l * r, F.cosine_similarity(l, r, dim=-1)[:, None]], dim=-1)
+            out.append(self.mlp(feats).view(B, -1))
+        return torch.cat(out, dim=1)
+
+
+def similarity_scores(k: torch.Tensor, window: int, p0: int = 0, p1: Optional[int] = None) -> torch.Tensor:
+    """Parameter-free boundary score: −cos(mean of the ``window`` keys before p, mean of the ``window`` keys from
+    p on). k: [B, T, C] -> [B, p1 - p0]."""
+    x = key_windows(k.float(), window, p0, k.shape[1] if p1 is None else p1)
+    return -F.cosine_similarity(x[:, :, :window].mean(2), x[:, :, window:].mean(2), dim=-1)
+
+
+def prefix_sums(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> [B, T+1, C] float64, P[:, j] = sum of x[:, :j] (exact enough to difference)."""
+    return F.pad(x.double().cumsum(1), (0, 0, 1, 0))
+
+
+def chunk_reps(P: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """√|C| · mean over chunk C = [start, end) from prefix sums P [B, T+1, C]: (P[end] − P[start]) / √|C|.
+    start, end: [B, n] -> [B, n, C] float32 (zeros for empty chunks)."""
+    idx = lambda i: i[..., None].expand(*i.shape, P.shape[-1])  # noqa: E731
+    total = P.gather(1, idx(end)) - P.gather(1, idx(start))
+    return (total / (end - start).clamp_min(1)[..., None].double().sqrt()).float()
+
+
+def chunk_table(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """starts [B, T] bool (starts[:, 0] True) -> chunk of each token cid [B, T], chunk start / end (exclusive)
+    [B, nC]; sequences with fewer chunks are padded with empty chunks at T."""
+    B, T = starts.shape
+    cid = starts.long().cumsum(1) - 1  # [B, T]
+    nC = int(cid[:, -1].max()) + 1
+    pos = torch.arange(T, device=starts.device).expand(B, T)
+    start = torch.full((B, nC), T, device=starts.device).scatter_reduce(1, cid, pos, "amin")
+    end = torch.full((B, nC), T, device=starts.device).scatter_reduce(1, cid, pos + 1, "amax", include_self=False)
+    return cid, start, end
+
+
+def select_quota(
+    qrep: torch.Tensor, krep: torch.Tensor, c_start: torch.Tensor, c_end: torch.Tensor, i0: torch.Tensor,
+    i1: torch.Tensor, *, budget: int, n_init: int, n_recent: int, lookahead: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The selection of each query block [i0, i1): how many key tokens each chunk contributes.
+
+    qrep [B, nb, D] block query representations; krep [B, nC, D] chunk key representations K_c with chunks
+    [c_start, c_end) [B, nC]; i0, i1 [nb]. ``lookahead`` None = prefill mode (every chunk is a candidate),
+    else causal mode: only chunks with c_end + lookahead <= i0 (their end boundary decided by i0).
+    Returns quota [B, nb, nC] (chunk c gives its quota most recent candidate tokens), top [B, nb, nC] (the end
+    of c's candidate span) and rstart [B, nb]: the block sees [0, n_init) ∪ [rstart, i1) ∪ the quota tokens.
+    """
+    B, nb = qrep.shape[:2]
+    real = (c_end > c_start)[:, None, :]  # [B, 1, nC]
+    recent = (i0 - n_recent).clamp_min(0)[None, :].expand(B, nb)  # [B, nb]
+    if lookahead is None:
+        usable = real.expand(B, nb, -1)
+        rstart = recent
+    else:  # causal: the tokens after the last closed chunk are forced too
+        usable = real & (c_end[:, None, :] + lookahead <= i0[None, :, None])  # [B, nb, nC]
+        rstart = torch.minimum(recent, (c_end[:, None, :] * usable).amax(-1))
+    lo = c_start.clamp_min(n_init)[:, None, :]  # candidate span of chunk c for block b: [lo, top)
+    top = torch.minimum(c_end[:, None, :], rstart[..., None])  # [B, nb, nC]
+    avail = torch.where(usable, (top - lo).clamp_min(0), 0)  # candidate tokens per chunk
+    left = (budget - forced_count(rstart, i1, n_init)).clamp_min(0)  # [B, nb] budget for the top-scored tokens
+    score = (qrep @ krep.transpose(1, 2)).masked_fill(avail == 0, float("-inf"))  # [B, nb, nC] = Q_c K_cᵀ
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    a = avail.gather(-1, order)
+    taken = torch.minimum((left[..., None] - (a.cumsum(-1) - a)).clamp_min(0), a)  # whole chunks, then a part
+    return torch.zeros_like(avail).scatter(-1, order, taken), top, rstart
+
+
+def forced_count(rstart: torch.Tensor, i1: torch.Tensor, n_init: int) -> torch.Tensor:
+    """|[0, n_init) ∪ [rstart, i1)| for rstart [B, nb] <= i1 [nb]."""
+    init = i1.clamp_max(n_init)[None]
+    return torch.where(rstart <= init, i1[None], init + i1[None] - rstart)
+
+
+def selected_keys(
+    quota: torch.Tensor, top: torch.Tensor, rstart: torch.Tensor, cid: torch.Tensor, i1: torch.Tensor, n_init: int,
+    group: int = 1 << 21,
+) -> torch.Tensor:  # fmt: skip
+    """The key positions each query block sees, ascending, -1 padded: LongTensor [B, nb, S].
+
+    quota, top [B, nb, nC], rstart [B, nb] from ``select_quota``; cid [B, T] chunk of each key; i1 [nb]."""
+    B, nb, _ = quota.shape
+    T = cid.shape[1]
+    pos = torch.arange(T, device=cid.device)  # [T]
+    S = max(int((forced_count(rstart, i1, n_init) + quota.sum(-1)).max()), 1)
+    out = torch.full((B, nb, S), -1, dtype=torch.long, device=cid.device)
+    g = max(1, group // T)  # query blocks per pass: [B, g, T] temporaries
+    c = cid[:, None, :]
+    for b0 in range(0, nb, g):
+        b1 = min(b0 + g, nb)
+        q_tok, t_tok = quota[:, b0:b1].gather(-1, c.expand(-1, b1 - b0, -1)), top[:, b0:b1].gather(
+            -1, c.expand(-1, b1 - b0, -1))  # fmt: skip  # [B, g, T] per key: its chunk's quota and span end
+        seen = (pos < t_tok) & (pos >= t_tok - q_tok)
+        seen |= (pos < n_init) | ((pos >= rstart[:, b0:b1, None]) & (pos < i1[b0:b1, None]))
+        key = torch.where(seen, (T - pos).to(torch.int32), 0)  # larger = earlier; 0 = unseen
+        val, idx = key.topk(S, dim=-1)  # ascending positions first
+        out[:, b0:b1] = torch.where(val > 0, idx, -1)
+    return out
+
+
+@MIXERS.register("dhsa")
+class DHSA(CausalSelfAttention):
+    """Dynamic hierarchical sparse attention (see the module docstring). Same projections and RoPE as the dense
+    mixer, so it can replace it in a trained model (``model.mixer.type=dhsa``). ``budget`` >= the context length
+    is exactly dense causal attention, in both modes.
+
+    budget: key tokens per query block (forced + selected). chunker: ``similarity`` (parameter-free),
+    ``learned`` (``BoundaryPredictor``; weights from ``predictor``, a file written by
+    ``python -m train dhsa-boundaries``, or from the checkpoint) or ``fixed`` (``chunk_size`` tokens).
+    threshold: boundary score threshold (default: 1.1 on the learned logit as in the authors' code; −inf for
+    ``similarity``, whose boundaries are the local maxima). mode: ``causal`` or ``prefill`` (inference only).
+    """
+
+    def __init__(
+        self, ctx: LayerContext, *, budget: int = 2048, chunker: Chunker = "similarity", mode: Mode = "causal",
+        query_block: int = 64, n_init: int = 128, n_recent: int = 128, chunk_size: int = 16, max_chunk: int = 64,
+        window: int = 4, nms_radius: int = 8, threshold: Optional[float] = None, predictor: Optional[str] = None,
+        predictor_hidden: int = 256,
+    ):  # fmt: skip
+        super().__init__(ctx)
+        for name, value, least in (("budget", budget, 1), ("query_block", query_block, 1), ("n_init", n_init, 0),
+                                   ("n_recent", n_recent, 0), ("chunk_size", chunk_size, 1),
+                                   ("max_chunk", max_chunk, 1), ("window", window, 1), ("nms_radius", nms_radius, 0),
+                                   ("predictor_hidden", predictor_hidden, 1)):  # fmt: skip
+            if value < least:
+                raise ConfigError(f"mixer.{name}: must be >= {least}, got {value}")
+        if predictor is not None and chunker != "learned":
+            raise ConfigError(f"mixer.predictor is only used by chunker 'learned', not {chunker!r}")
+        self.budget, self.chunker, self.mode, self.query_block = budget, chunker, mode, query_block
+        self.n_init, self.n_recent, self.chunk_size, self.max_chunk = n_init, n_recent, chunk_size, max_chunk
+        self.window, self.nms_radius = window, nms_radius
+        default = {"learned": 1.1, "similarity": float("-inf"), "fixed": None}[chunker]
+        self.threshold = default if threshold is None else threshold
+        # a boundary at p depends on the keys up to p + lookahead (score window, then NMS over the scores)
+        self.lookahead = 0 if chunker == "fixed" else nms_radius + window - 1
+        if chunker == "learned":
+            kv_dim = ctx.n_kv_heads * ctx.head_dim
+            self.boundary = BoundaryPredictor(kv_dim, ctx.n_kv_heads, window, predictor_hidden)
+            if predictor is not None:
+                load_predictor(self.boundary, predictor, ctx.layer_idx)
+            # a dense checkpoint has no predictor weights: keep the ones loaded here
+            self._register_load_state_dict_pre_hook(self._keep_predictor)
+
+    def _keep_predictor(self, state_dict, prefix, *args) -> None:
+        for name, tensor in self.boundary.state_dict().items():
+            state_dict.setdefault(f"{prefix}boundary.{name}", tensor)
+
+    # ---- chunking -------------------------------------------------------------------------------------------
+    def boundary_scores(self, k: torch.Tensor, p0: int = 0, p1: Optional[int] = None) -> torch.Tensor:
+        """k [B, T, Hkv·hd] -> boundary scores [B, p1 - p0] of positions p0..p1-1."""
+        if self.chunker == "learned":
+            return self.boundary(k, p0, p1).float()
+        return similarity_scores(k, self.window, p0, p1)
+
+    def chunk_starts(self, k: torch.Tensor) -> torch.Tensor:
+        """k [B, T, Hkv·hd] (post-RoPE) -> starts [B, T] bool: a chunk starts at p."""
+        B, T, _ = k.shape
+        pos = torch.arange(T, device=k.device)
+        if self.chunker == "fixed":
+            return (pos % self.chunk_size == 0).expand(B, T)
+        s = self.boundary_scores(k)  # [B, T]
+        r = self.nms_radius
+        local_max = F.max_pool1d(s[:, None], 2 * r + 1, stride=1, padding=r)[:, 0] if r else s
+        return ((s > self.threshold) & (s >= local_max)) | (pos % self.max_chunk == 0)
+
+    # ---- full sequence --------------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.mode == "prefill" and self.training:
+            raise RuntimeError("mixer.mode 'prefill' is inference-only (it is not causal); train with mode 'causal'")
+        kv = self.select(q, k)  # [B, nb, S]
+        return block_sparse_attention(q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True)
+
+    @torch.no_grad()
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, hd], k [B, T, Hkv, hd] -> the key positions of each query block [B, nb, S] (-1 padded)."""
+        B, T = q.shape[:2]
+        qb = self.query_block
+        nb = math.ceil(T / qb)
+        cid, c_start, c_end = chunk_table(self.chunk_starts(k.flatten(2)))
+        krep = chunk_reps(prefix_sums(k.float().mean(2)), c_start, c_end)  # [B, nC, hd] K_c
+        Pq = prefix_sums(q.float().mean(2))  # [B, T+1, hd]
+        i0 = torch.arange(nb, device=q.device) * qb
+        i1 = (i0 + qb).clamp_max(T)
+        if self.mode == "causal":  # the query_block queries ending at i0
+            qrep = chunk_reps(Pq, (i0 + 1 - qb).clamp_min(0).expand(B, nb), (i0 + 1).expand(B, nb))
+        else:  # mean over the block of its positions' chunk representations Q_c
+            qc = chunk_reps(Pq, c_start, c_end).gather(1, cid[..., None].expand(B, T, Pq.shape[-1]))  # [B, T, hd]
+            qrep = F.pad(qc, (0, 0, 0, nb * qb - T)).view(B, nb, qb, -1).sum(2) / (i1 - i0)[None, :, None]
+        quota, top, rstart = select_quota(qrep, krep, c_start, c_end, i0, i1, budget=self.budget, n_init=self.n_init,
+                                          n_recent=self.n_recent, lookahead=self.lookahead if self.mode == "causal"
+                                          else None)  # fmt: skip
+        return selected_keys(quota, top, rstart, cid, i1, self.n_init)
+
+    # ---- decoding -------------------------------------------------------------------------------------------
+    def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Causal-mode decoding of position t = cache["t"]: chunk boundaries are decided ``lookahead`` positions
+        behind, each decided boundary closes one chunk whose K_c is appended to the chunk summaries, and at the
+        start of every query block the block's selection is made over the chunks closed so far."""
+        if self.mode != "causal":
+            raise RuntimeError("decoding needs mixer.mode 'causal' (prefill selections see later positions)")
+        k_all, v_all = cache["k"], cache["v"]  # [B, t+1, Hkv, hd]
+        B, t = q.shape[0], k_all.shape[1] - 1
+        if t == 0:  # prefix sums of the head-mean queries and keys, boundary scores, closed chunks
+            zero = q.new_zeros(B, 1, q.shape[-1], dtype=torch.float64)
+            cache.update(Pq=zero, Pk=zero, scores=q.new_zeros(B, 0), chunk_start=[0], krep=q.new_zeros(B, 0, q.shape[-1]))
+        for name, x in (("Pq", q), ("Pk", k_all[:, -1:])):  # the same sums as prefix_sums() on the whole sequence
+            cache[name] = torch.cat([cache[name], cache[name][:, -1:] + x.float().mean(2).double()], dim=1)
+        self._decide_boundaries(k_all.flatten(2), t, cache)
+        if t % self.query_block == 0:  # a new query block: select over the closed chunks
+            cache["kv"] = self._select_block(t, cache)
+        kv = cache["kv"]  # [B, S] positions this block sees (forced recent ones may lie ahead)
+        visible = (kv >= 0) & (kv <= t)
+        return attend_keys(q, _take(k_all, kv), _take(v_all, kv), visible)
+
+    def _decide_boundaries(self, k: torch.Tensor, t: int, cache: dict) -> None:
+        """With keys 0..t known, decide whether a chunk starts at p = t − lookahead; if so, close the chunk
+        before it and append its K_c."""
+        w, r = self.window, self.nms_radius
+        if self.chunker != "fixed" and t - w + 1 >= 0:  # the score of p = t-w+1 needs keys up to t
+            cache["scores"] = torch.cat([cache["scores"], self.boundary_scores(k, t - w + 1, t - w + 2)], dim=1)
+        p = t - self.lookahead
+        if p < 1:
+            return
+        if self.chunker == "fixed":
+            start = p % self.chunk_size == 0
+        else:
+            s = cache["scores"]  # [B, t-w+2] = [B, p + r + 1]
+            start_b = (s[:, p] > self.threshold) & (s[:, p] >= s[:, max(p - r, 0) : p + r + 1].amax(1))
+            start_b |= p % self.max_chunk == 0
+            if not (bool(start_b.all()) or not bool(start_b.any())):
+                raise NotImplementedError("DHSA decoding keeps one chunk table per batch: decode one sequence at "
+                                          "a time (batch size 1) or use chunker 'fixed'")  # fmt: skip
+            start = bool(start_b[0])
+        if start:
+            s0 = cache["chunk_start"][-1]
+            rep = chunk_reps(cache["Pk"], torch.full((k.shape[0], 1), s0), torch.full((k.shape[0], 1), p))
+            cache["krep"] = torch.cat([cache["krep"], rep], dim=1)
+            cache["chunk_start"].append(p)
+
+    def _select_block(self, i0: int, cache: dict) -> torch.Tensor:
+        """The selection of the query block starting at i0, from the closed chunks -> key positions [B, S]."""
+        B, hd = cache["Pq"].shape[0], cache["Pq"].shape[-1]
+        bounds = torch.tensor(cache["chunk_start"])  # starts of the closed chunks, then the end of the last
+        krep = cache["krep"]  # [B, nC, hd]
+        if len(bounds) == 1:  # no closed chunk yet: one empty placeholder
+            bounds, krep = torch.zeros(2, dtype=torch.long), krep.new_zeros(B, 1, hd)
+        c_start, c_end = bounds[:-1].expand(B, -1), bounds[1:].expand(B, -1)  # [B, nC]
+        lo = max(i0 + 1 - self.query_block, 0)
+        qrep = chunk_reps(cache["Pq"], torch.full((B, 1), lo), torch.full((B, 1), i0 + 1))  # [B, 1, hd]
+        i1 = torch.tensor([i0 + self.query_block])
+        quota, top, rstart = select_quota(qrep, krep, c_start, c_end, torch.tensor([i0]), i1, budget=self.budget,
+                                          n_init=self.n_init, n_recent=self.n_recent, lookahead=0)  # fmt: skip
+        # the chunk of each key up to the block end; keys after the closed chunks are forced or unseen, so any id
+        cid = torch.bucketize(torch.arange(i0 + self.query_block), bounds[1:], right=True).clamp_max(len(bounds) - 2)
+        return selected_keys(quota, top, rstart, cid.expand(B, -1), i1, self.n_init)[:, 0]
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] at positions idx [B, S] (-1 and positions beyond T read position 0) -> [B, S, ...]."""
+    idx = torch.where((idx >= 0) & (idx < x.shape[1]), idx, 0)
+    return x[torch.arange(x.shape[0])[:, None], idx]
+
+
+def load_predictor(module: BoundaryPredictor, path: str | Path, layer: int) -> None:
+    """Load layer ``layer``'s boundary predictor from a file written by ``python -m train dhsa-boundaries``
+    (safetensors: tensors ``layers.<i>.<name>``; metadata dim, n_heads, window, hidden)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"mixer.predictor: {path} does not exist (write it with `python -m train dhsa-boundaries`)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        want = {"dim": module.dim, "n_heads": module.n_heads, "window": module.window, "hidden": module.hidden}
+        got = {key: int(meta[key]) for key in want if key in meta}
+        if got != want:
+            raise ConfigError(f"mixer.predictor: {path} holds predictors with {got}; this layer needs {want}")
+        prefix = f"layers.{layer}."
+        names = [n for n in f.keys() if n.startswith(prefix)]
+        if not names:
+            layers = sorted({int(n.split(".")[1]) for n in f.keys()})
+            raise ConfigError(f"mixer.predictor: {path} has no predictor for layer {layer}; it has layers {layers}")
+        module.load_state_dict({n[len(prefix):]: f.get_tensor(n) for n in names})
