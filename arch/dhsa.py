@@ -147,7 +147,7 @@ def select_quota(
     lo = c_start.clamp_min(n_init)[:, None, :]  # candidate span of chunk c for block b: [lo, top)
     top = torch.minimum(c_end[:, None, :], rstart[..., None])  # [B, nb, nC]
     avail = torch.where(usable, (top - lo).clamp_min(0), 0)  # candidate tokens per chunk
-    left = (budget - forced_count(rstart, i1, n_init)).clamp_min(0)  # [B, nb] budget for the top-scored tokens
+    left = (budget - forced_count(rstart, i0, n_init)).clamp_min(0)  # [B, nb] budget for the top-scored tokens
     score = (qrep @ krep.transpose(1, 2)).masked_fill(avail == 0, float("-inf"))  # [B, nb, nC] = Q_c K_cᵀ
     order = score.argsort(dim=-1, descending=True, stable=True)
     a = avail.gather(-1, order)
@@ -155,23 +155,24 @@ def select_quota(
     return torch.zeros_like(avail).scatter(-1, order, taken), top, rstart
 
 
-def forced_count(rstart: torch.Tensor, i1: torch.Tensor, n_init: int) -> torch.Tensor:
-    """|[0, n_init) ∪ [rstart, i1)| for rstart [B, nb] <= i1 [nb]."""
-    init = i1.clamp_max(n_init)[None]
-    return torch.where(rstart <= init, i1[None], init + i1[None] - rstart)
+def forced_count(rstart: torch.Tensor, i0: torch.Tensor, n_init: int) -> torch.Tensor:
+    """|[0, n_init) ∪ [rstart, i0)|: the forced keys before a query block [i0, ...); rstart [B, nb], i0 [nb]."""
+    init = i0.clamp_max(n_init)[None]
+    return torch.where(rstart <= init, i0[None], init + i0[None] - rstart)
 
 
 def selected_keys(
-    quota: torch.Tensor, top: torch.Tensor, rstart: torch.Tensor, cid: torch.Tensor, i1: torch.Tensor, n_init: int,
-    group: int = 1 << 21,
+    quota: torch.Tensor, top: torch.Tensor, rstart: torch.Tensor, cid: torch.Tensor, i0: torch.Tensor,
+    i1: torch.Tensor, n_init: int, group: int = 1 << 21,
 ) -> torch.Tensor:  # fmt: skip
     """The key positions each query block sees, ascending, -1 padded: LongTensor [B, nb, S].
 
-    quota, top [B, nb, nC], rstart [B, nb] from ``select_quota``; cid [B, T] chunk of each key; i1 [nb]."""
+    quota, top [B, nb, nC], rstart [B, nb] from ``select_quota``; cid [B, T] chunk of each key; blocks
+    [i0, i1) [nb]."""
     B, nb, _ = quota.shape
     T = cid.shape[1]
     pos = torch.arange(T, device=cid.device)  # [T]
-    S = max(int((forced_count(rstart, i1, n_init) + quota.sum(-1)).max()), 1)
+    S = min(max(int((forced_count(rstart, i0, n_init) + (i1 - i0)[None] + quota.sum(-1)).max()), 1), T)
     out = torch.full((B, nb, S), -1, dtype=torch.long, device=cid.device)
     g = max(1, group // T)  # query blocks per pass: [B, g, T] temporaries
     c = cid[:, None, :]
@@ -248,9 +249,12 @@ class DHSA(CausalSelfAttention):
         if self.chunker == "fixed":
             return (pos % self.chunk_size == 0).expand(B, T)
         s = self.boundary_scores(k)  # [B, T]
+        start = s > self.threshold
         r = self.nms_radius
-        local_max = F.max_pool1d(s[:, None], 2 * r + 1, stride=1, padding=r)[:, 0] if r else s
-        return ((s > self.threshold) & (s >= local_max)) | (pos % self.max_chunk == 0)
+        if r:  # a local maximum within r on either side; of equal maxima the first
+            m = F.max_pool1d(F.pad(s, (r, r), value=float("-inf"))[:, None], r, stride=1)[:, 0]  # [B, T + r + 1]
+            start &= (s > m[:, :T]) & (s >= m[:, r + 1 :])  # max of s[p-r .. p-1], of s[p+1 .. p+r]
+        return start | (pos % self.max_chunk == 0)
 
     # ---- full sequence --------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -269,16 +273,16 @@ class DHSA(CausalSelfAttention):
         krep = chunk_reps(prefix_sums(k.float().mean(2)), c_start, c_end)  # [B, nC, hd] K_c
         Pq = prefix_sums(q.float().mean(2))  # [B, T+1, hd]
         i0 = torch.arange(nb, device=q.device) * qb
-        i1 = (i0 + qb).clamp_max(T)
+        i1 = i0 + qb  # not clamped to T: the budget of a block never depends on where the sequence ends
         if self.mode == "causal":  # the query_block queries ending at i0
             qrep = chunk_reps(Pq, (i0 + 1 - qb).clamp_min(0).expand(B, nb), (i0 + 1).expand(B, nb))
         else:  # mean over the block of its positions' chunk representations Q_c
             qc = chunk_reps(Pq, c_start, c_end).gather(1, cid[..., None].expand(B, T, Pq.shape[-1]))  # [B, T, hd]
-            qrep = F.pad(qc, (0, 0, 0, nb * qb - T)).view(B, nb, qb, -1).sum(2) / (i1 - i0)[None, :, None]
+            qrep = F.pad(qc, (0, 0, 0, nb * qb - T)).view(B, nb, qb, -1).sum(2) / (i1.clamp_max(T) - i0)[None, :, None]
         quota, top, rstart = select_quota(qrep, krep, c_start, c_end, i0, i1, budget=self.budget, n_init=self.n_init,
                                           n_recent=self.n_recent, lookahead=self.lookahead if self.mode == "causal"
                                           else None)  # fmt: skip
-        return selected_keys(quota, top, rstart, cid, i1, self.n_init)
+        return selected_keys(quota, top, rstart, cid, i0, i1, self.n_init)
 
     # ---- decoding -------------------------------------------------------------------------------------------
     def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:
@@ -314,7 +318,9 @@ class DHSA(CausalSelfAttention):
             start = p % self.chunk_size == 0
         else:
             s = cache["scores"]  # [B, t-w+2] = [B, p + r + 1]
-            start_b = (s[:, p] > self.threshold) & (s[:, p] >= s[:, max(p - r, 0) : p + r + 1].amax(1))
+            start_b = s[:, p] > self.threshold
+            if r:  # as in chunk_starts
+                start_b &= (s[:, p] > s[:, max(p - r, 0) : p].amax(1)) & (s[:, p] >= s[:, p + 1 : p + r + 1].amax(1))
             start_b |= p % self.max_chunk == 0
             if not (bool(start_b.all()) or not bool(start_b.any())):
                 raise NotImplementedError("DHSA decoding keeps one chunk table per batch: decode one sequence at "
@@ -337,11 +343,12 @@ class DHSA(CausalSelfAttention):
         lo = max(i0 + 1 - self.query_block, 0)
         qrep = chunk_reps(cache["Pq"], torch.full((B, 1), lo), torch.full((B, 1), i0 + 1))  # [B, 1, hd]
         i1 = torch.tensor([i0 + self.query_block])
-        quota, top, rstart = select_quota(qrep, krep, c_start, c_end, torch.tensor([i0]), i1, budget=self.budget,
+        i0 = torch.tensor([i0])
+        quota, top, rstart = select_quota(qrep, krep, c_start, c_end, i0, i1, budget=self.budget,
                                           n_init=self.n_init, n_recent=self.n_recent, lookahead=0)  # fmt: skip
         # the chunk of each key up to the block end; keys after the closed chunks are forced or unseen, so any id
-        cid = torch.bucketize(torch.arange(i0 + self.query_block), bounds[1:], right=True).clamp_max(len(bounds) - 2)
-        return selected_keys(quota, top, rstart, cid.expand(B, -1), i1, self.n_init)[:, 0]
+        cid = torch.bucketize(torch.arange(int(i1)), bounds[1:], right=True).clamp_max(len(bounds) - 2)
+        return selected_keys(quota, top, rstart, cid.expand(B, -1), i0, i1, self.n_init)[:, 0]
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
