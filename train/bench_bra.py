@@ -74,32 +74,40 @@ def _run_cell(kind: str, impl: str, mode: str, size: int, reps: int, device: str
         if device == "cuda":
             torch.cuda.synchronize()
 
-    cuda = device == "cuda"
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = _rss("VmRSS:")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM)
-        step()  # first run: memory (and warm-up)
-        peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM:")) - base
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    kv_bytes = 2 * k.numel() * k.element_size()
-    return {"ms": 1e3 * statistics.median(times), "peak_mib": peak / 2**20, "kv_mib": kv_bytes / 2**20}
+        result = measure(step, reps, device)
+    return {**result, "kv_mib": 2 * k.numel() * k.element_size() / 2**20}
 
 
-def _fresh_process_cell(*args, threads: int = 0) -> dict:
-    """Run one cell in fresh Python processes: one for time (the normal allocator), one for memory, where every
-    allocation above 64 KiB is its own mmap (``MALLOC_MMAP_THRESHOLD_``), returned to the system when freed,
-    so that RSS follows live memory."""
+def measure(fn, reps: int, device: str) -> dict:
+    """Peak memory of one call of ``fn`` above what is allocated before it (CPU: peak RSS, reset through
+    ``/proc/self/clear_refs``; CUDA: the allocator's peak), then the median time of ``reps`` more calls."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM)
+    fn()  # first run: memory (and warm-up)
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM:")) - base
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"ms": 1e3 * statistics.median(times), "peak_mib": peak / 2**20}
+
+
+def _fresh_process_cell(*args, threads: int = 0, runner: str = "train.bench_bra:_run_cell") -> dict:
+    """Run one cell (``runner(*args)``, a "module:function" returning a dict with ``ms`` and ``peak_mib``) in
+    fresh Python processes: one for time (the normal allocator), one for memory, where every allocation above
+    64 KiB is its own mmap (``MALLOC_MMAP_THRESHOLD_``), returned to the system when freed, so that RSS follows
+    live memory."""
+    module, fn = runner.split(":")
     code = (f"import json, torch; torch.set_num_threads({threads} or torch.get_num_threads()); "
-            f"from train.bench_bra import _run_cell; print(json.dumps(_run_cell(*{args!r})))")  # fmt: skip
+            f"from {module} import {fn}; print(json.dumps({fn}(*{args!r})))")  # fmt: skip
     results = []
     for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})

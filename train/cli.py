@@ -7,6 +7,7 @@
     python -m train grow <checkpoint | run dir> --scale 2 [--out DIR]
     python -m train bench configs/gpt-tiny.yaml [--steps N]
     python -m train oracle <checkpoint | run dir> [--budget K | --all-budgets] [--with-skip] [--batches N]
+    python -m train bench-dhsa [--lengths 4096 8192 16384 32768] [--budget 1024]
     python -m train bench-bra [--batch 64] [--lengths 4096 8192 16384] [--lm configs/gpt-tiny.yaml configs/bra-tiny.yaml]
 """
 
@@ -85,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", nargs="*", default=[], metavar="CONFIG",
                    help="also time training steps of these LM configs, interleaved (first = budget reference)")
     p.add_argument("--lm-steps", type=int, default=8)
+
+    p = sub.add_parser("bench-dhsa", help="DHSA prefill latency and peak memory vs dense (SDPA, eager) and fixed block-sparse")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="prompt lengths")
+    p.add_argument("--budget", type=int, default=1024, help="DHSA / block-sparse keys per query block")
+    p.add_argument("--reps", type=int, default=2, help="timed runs per cell")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=16, help="fixed block-sparse chunk size")
+    p.add_argument("--query-block", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")
+    p.add_argument("--eager-max-gib", type=float, default=6.0, help="skip dense eager when its T×T scores exceed this")
     return parser
 
 
@@ -125,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
             oracle(args.target, args.overrides, budget=args.budget, with_skip=args.with_skip, batches=args.batches,
                    out_dir=args.out, chunk=args.chunk)  # fmt: skip
+        elif args.command == "bench-dhsa":
+            from .bench_dhsa import bench_dhsa
+
+            bench_dhsa(args.lengths, args.budget, args.reps, args.heads, args.kv_heads, args.head_dim, args.chunk,
+                       args.query_block, args.threads, args.eager_max_gib)  # fmt: skip
         elif args.command == "bench-bra":
             from .bench_bra import bench_bra, lm_step_times
 

@@ -4,7 +4,8 @@ A selector (2-D BRA, 1-D causal BRA, DHSA, fixed block-sparse) decides, for each
 blocks it may see, plus optionally which of those each query inside the block may see; this module computes
 softmax attention restricted to exactly those keys. ``reference.py`` is the definition (a dense boolean mask);
 ``chunked.py`` is the memory-frugal PyTorch implementation used for training, ``per_query.py`` its variant for
-selections made per query (``q_block_size=1``); a Triton kernel will dispatch here on CUDA, behind the same call.
+selections made per query (``q_block_size=1``), ``inference.py`` the forward-only path for one selection shared by
+all heads when no gradient is needed; a Triton kernel will dispatch here on CUDA, behind the same call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import BlockSparseAttention
+from .inference import shared_selection_attention
 from .per_query import per_query_attention
 
 
@@ -47,6 +49,10 @@ def block_sparse_attention(
     """
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    if kv_blocks.shape[1] == 1 and H % Hkv == 0 and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v))) and q.device.type != "meta":  # fmt: skip
+        return _shared_selection(q, k, v, kv_blocks, block_size, q_block_size or block_size, causal, token_mask,
+                                 key_mask, scale)  # fmt: skip
     if H != Hkv:
         k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
     bs, qbs = block_size, q_block_size or block_size
@@ -82,6 +88,26 @@ def block_sparse_attention(
         causal, scale, chunk,
     )  # fmt: skip  # [N, nqb, qbs, hd]
     return out.view(B, H, nqb * qbs, hd)[:, :, :Tq].transpose(1, 2)
+
+
+def _shared_selection(q, k, v, kv_blocks, bs, qbs, causal, token_mask, key_mask, scale):
+    """Forward only, one selection for all heads: ``inference.shared_selection_attention`` on the same layout."""
+    B, Tq, H, hd = q.shape
+    Tk = k.shape[1]
+    nqb, nkb, S = math.ceil(Tq / qbs), math.ceil(Tk / bs), kv_blocks.shape[3]
+    if kv_blocks.shape[:3] != (B, 1, nqb):
+        raise ValueError(f"kv_blocks: expected shape [{B}, 1 or {H}, {nqb}, S], got {list(kv_blocks.shape)}")
+    pad = lambda x, n, size: F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1])).view(B, n, size, *x.shape[2:])  # noqa: E731
+    idx = kv_blocks[:, 0]
+    key_ok = torch.arange(nkb * bs, device=q.device) < Tk
+    key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
+    if token_mask is not None:
+        token_mask = F.pad(token_mask[:, 0], (0, 0, 0, nqb * qbs - Tq)).view(B, nqb, qbs, S)
+    out = shared_selection_attention(
+        pad(q, nqb, qbs), pad(k, nkb, bs), pad(v, nkb, bs), idx.clamp_min(0), idx >= 0, token_mask,
+        key_ok.view(B, nkb, bs), causal, hd**-0.5 if scale is None else scale, max(1, nkb // max(2 * S, 1)),
+    )  # fmt: skip  # [B, nqb, qbs, H, hd]
+    return out.view(B, nqb * qbs, H, hd)[:, :Tq]
 
 
 __all__ = ["block_sparse_attention"]

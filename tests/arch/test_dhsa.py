@@ -170,6 +170,8 @@ def test_sparse_attention_matches_a_dense_masked_reference_with_gradients():
                                          attn_mask=mask[:, None], enable_gqa=True).transpose(1, 2)  # fmt: skip
     out = mixer.attend(q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference: the forward-only path of the core
+        torch.testing.assert_close(mixer.attend(q, k, v), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
