@@ -269,6 +269,8 @@ class DHSA(CausalSelfAttention):
         B, T = q.shape[:2]
         qb = self.query_block
         nb = math.ceil(T / qb)
+        if q.device.type == "meta":  # FLOP counting: the budgeted shape (a selection needs data)
+            return torch.zeros(B, nb, min(T, self.budget + qb), dtype=torch.long, device=q.device)
         cid, c_start, c_end = chunk_table(self.chunk_starts(k.flatten(2)))
         krep = chunk_reps(prefix_sums(k.float().mean(2)), c_start, c_end)  # [B, nC, hd] K_c
         Pq = prefix_sums(q.float().mean(2))  # [B, T+1, hd]
