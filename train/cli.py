@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             from .needle import needle_command
 
             needle_command(args.target, args.overrides, args.variants, args.budget, args.mixer, args.lengths,
-                           args.depths, args.trials, args.seed, args.ppl_tokens, args.batch_tokens, args.out)  # fmt: skip
+                           args.depths, args.trials, args.seed, args.ppl_tokens, args.batch_tokens,
+                           args.out)  # fmt: skip
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2

@@ -297,8 +297,8 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
     tokenizer = build_tokenizer(cfg["data"]["tokenizer"])
     need = fixed_tokens(tokenizer)
     if min(lengths) <= need:
-        raise ConfigError(f"--lengths: {min(lengths)} leaves no room for a haystack: the needle, question and answer "
-                          f"take {need} tokens; allowed lengths: {need + 1}..{cfg['model']['max_seq_len']}")  # fmt: skip
+        raise ConfigError(f"--lengths: {min(lengths)} leaves no room for a haystack: the needle, question and "
+                          f"answer take {need} tokens; allowed lengths: {need + 1}..{cfg['model']['max_seq_len']}")  # fmt: skip
     if callable(variants):
         variants = variants(lengths)
     variants = dict(variants or {"dense": []})
