@@ -431,8 +431,8 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     lengths, depths, variants = result["lengths"], result["depths"], result["variants"]
     n = len(variants)
-    fig, axes = plt.subplots(1, n, figsize=(1.0 + 0.9 * len(lengths) * n + 1.2, 0.5 * len(depths) + 1.6),
-                             squeeze=False, sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(1, n, figsize=(2.2 + (0.9 * len(lengths) + 0.6) * n, 0.5 * len(depths) + 2.0),
+                             squeeze=False, sharey=True, layout="constrained")  # fmt: skip
     for ax, (name, r) in zip(axes[0], variants.items()):
         acc = np.asarray(r["passkey"]["accuracy"])  # [depths, lengths]
         im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
