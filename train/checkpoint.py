@@ -133,3 +133,18 @@ def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "c
     except RuntimeError as e:
         raise CheckpointError(f"{target}: weights do not fit the model of its config: {str(e).splitlines()[0]}") from None
     return cfg, model.to(map_location).eval()
+
+
+def saved_config(target: str | os.PathLike) -> dict:
+    """The config saved with a checkpoint file, run directory or exported model directory, before overrides and
+    without building the model: ``load_config(None, overrides, base=saved_config(target))`` is the config
+    ``load_trained(target, overrides)`` builds, so several override sets can be checked with one read."""
+    target = Path(target)
+    if (target / "model.safetensors").is_file():
+        from omegaconf import OmegaConf
+
+        return {"model": OmegaConf.to_container(OmegaConf.load(target / "config.yaml")), "name": target.name}
+    try:
+        return read_checkpoint(target)["hyper_parameters"]["config"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{target}: checkpoint has no saved config (hyper_parameters.config)") from None

@@ -1,4 +1,5 @@
-"""``python -m train <command> ...``: fit, eval, sample, info, bench, grow.
+"""``python -m train <command> ...``: fit, eval, sample, info, bench, grow, oracle, bench-bra, bench-dhsa,
+needle.
 
     python -m train fit configs/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT | --init-from PATH]
     python -m train eval <checkpoint | run dir> [dotted.key=value ...]
@@ -9,6 +10,8 @@
     python -m train oracle <checkpoint | run dir> [--budget K | --all-budgets] [--with-skip] [--batches N]
     python -m train bench-dhsa [--lengths 4096 8192 16384 32768] [--budget 1024]
     python -m train bench-bra [--batch 64] [--lengths 4096 8192 16384] [--lm configs/gpt-tiny.yaml configs/bra-tiny.yaml]
+    python -m train needle <checkpoint | run dir> [dotted.key=value ...] [--variants dense dhsa fixed] [--budget B]
+        [--mixer key=value ...] [--lengths 256 512 1024 2048] [--depths 0 0.25 0.5 0.75 1] [--trials 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -98,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-block", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")
     p.add_argument("--eager-max-gib", type=float, default=6.0, help="skip dense eager when its T×T scores exceed this")
+
+    p = sub.add_parser("needle", help="long context: passkey retrieval grid and perplexity vs context length, "
+                                      "dense vs sparse attention variants of the same weights")  # fmt: skip
+    _add_target(p, "checkpoint file, run directory, or exported model directory of an LM")
+    p.add_argument("--variants", nargs="+", choices=["dense", "dhsa", "fixed"], default=["dense", "dhsa", "fixed"],
+                   help="dense: as saved; dhsa: model.mixer.type=dhsa at --budget; fixed: dhsa with fixed blocks")
+    p.add_argument("--budget", type=int, default=None,
+                   help="sparse attention budget (model.mixer.budget; default: longest length // 4)")
+    p.add_argument("--mixer", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of both sparse variants, as model.mixer.KEY=VALUE (repeatable)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="context lengths in tokens (default: 256 512 1024 2048 capped at model.max_seq_len)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="relative needle depths, 0 = start of the haystack, 1 = right before the question")
+    p.add_argument("--trials", type=int, default=10, help="random passkeys per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of passkeys and haystacks (the same for every variant)")
+    p.add_argument("--ppl-tokens", type=int, default=65536,
+                   help="held-out tokens for perplexity, the same text at every length (at least one longest window)")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass for perplexity")
+    p.add_argument("--out", default=None, help="output folder (default: <run dir>/needle)")
     return parser
 
 
@@ -150,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                 bench_bra(args.batch, args.lengths, args.reps, args.region, args.topk, args.query_block, args.threads)
             if args.lm:
                 lm_step_times(args.lm, args.lm_steps)
+        elif args.command == "needle":
+            from .needle import needle_command
+
+            needle_command(args.target, args.overrides, args.variants, args.budget, args.mixer, args.lengths,
+                           args.depths, args.trials, args.seed, args.ppl_tokens, args.batch_tokens,
+                           args.out)  # fmt: skip
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
