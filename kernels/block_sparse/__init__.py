@@ -49,7 +49,7 @@ def block_sparse_attention(
     """
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    if kv_blocks.shape[1] == 1 and H % Hkv == 0 and not (torch.is_grad_enabled() and any(
+    if kv_blocks.shape[1] == 1 and (q_block_size or block_size) > 1 and not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (q, k, v))) and q.device.type != "meta":  # fmt: skip
         return _shared_selection(q, k, v, kv_blocks, block_size, q_block_size or block_size, causal, token_mask,
                                  key_mask, scale)  # fmt: skip
