@@ -53,6 +53,7 @@ from .config import LayerContext
 from .registry import MIXERS, ConfigError
 
 Chunker = Literal["similarity", "learned", "fixed"]
+LEARNED_THRESHOLD = 1.1  # default boundary threshold on the learned predictor's logit (authors' code)
 Mode = Literal["causal", "prefill"]
 
 
@@ -96,6 +97,20 @@ def similarity_scores(k: torch.Tensor, window: int, p0: int = 0, p1: Optional[in
     p on). k: [B, T, C] -> [B, p1 - p0]."""
     x = key_windows(k.float(), window, p0, k.shape[1] if p1 is None else p1)
     return -F.cosine_similarity(x[:, :, :window].mean(2), x[:, :, window:].mean(2), dim=-1)
+
+
+def nms_starts(scores: torch.Tensor, threshold: float, nms_radius: int, max_chunk: int) -> torch.Tensor:
+    """Chunk starts from boundary scores [B, T] -> [B, T] bool: a chunk starts at p if its score exceeds
+    ``threshold`` and is the maximum within ``nms_radius`` positions on either side, the first of equal maxima
+    (1-D non-maximum suppression), and at every multiple of ``max_chunk`` (position 0 included)."""
+    T = scores.shape[1]
+    pos = torch.arange(T, device=scores.device)
+    start = scores > threshold
+    r = nms_radius
+    if r:  # a local maximum within r on either side; of equal maxima the first
+        m = F.max_pool1d(F.pad(scores, (r, r), value=float("-inf"))[:, None], r, stride=1)[:, 0]  # [B, T + r + 1]
+        start &= (scores > m[:, :T]) & (scores >= m[:, r + 1 :])  # max of s[p-r .. p-1], of s[p+1 .. p+r]
+    return start | (pos % max_chunk == 0)
 
 
 def prefix_sums(x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +234,7 @@ class DHSA(CausalSelfAttention):
         self.budget, self.chunker, self.mode, self.query_block = budget, chunker, mode, query_block
         self.n_init, self.n_recent, self.chunk_size, self.max_chunk = n_init, n_recent, chunk_size, max_chunk
         self.window, self.nms_radius = window, nms_radius
-        default = {"learned": 1.1, "similarity": float("-inf"), "fixed": None}[chunker]
+        default = {"learned": LEARNED_THRESHOLD, "similarity": float("-inf"), "fixed": None}[chunker]
         self.threshold = default if threshold is None else threshold
         # a boundary at p depends on the keys up to p + lookahead (score window, then NMS over the scores)
         self.lookahead = 0 if chunker == "fixed" else nms_radius + window - 1
@@ -248,13 +263,7 @@ class DHSA(CausalSelfAttention):
         pos = torch.arange(T, device=k.device)
         if self.chunker == "fixed":
             return (pos % self.chunk_size == 0).expand(B, T)
-        s = self.boundary_scores(k)  # [B, T]
-        start = s > self.threshold
-        r = self.nms_radius
-        if r:  # a local maximum within r on either side; of equal maxima the first
-            m = F.max_pool1d(F.pad(s, (r, r), value=float("-inf"))[:, None], r, stride=1)[:, 0]  # [B, T + r + 1]
-            start &= (s > m[:, :T]) & (s >= m[:, r + 1 :])  # max of s[p-r .. p-1], of s[p+1 .. p+r]
-        return start | (pos % self.max_chunk == 0)
+        return nms_starts(self.boundary_scores(k), self.threshold, self.nms_radius, self.max_chunk)
 
     # ---- full sequence --------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -378,4 +387,6 @@ def load_predictor(module: BoundaryPredictor, path: str | Path, layer: int) -> N
         if not names:
             layers = sorted({int(n.split(".")[1]) for n in f.keys()})
             raise ConfigError(f"mixer.predictor: {path} has no predictor for layer {layer}; it has layers {layers}")
+        if module.norm.weight.is_meta:  # config validation builds the model on the meta device: file checked, done
+            return
         module.load_state_dict({n[len(prefix):]: f.get_tensor(n) for n in names})

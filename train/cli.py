@@ -1,5 +1,5 @@
 """``python -m train <command> ...``: fit, eval, sample, info, bench, grow, oracle, bench-bra, bench-dhsa,
-needle.
+needle, dhsa-boundaries.
 
     python -m train fit configs/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT | --init-from PATH]
     python -m train eval <checkpoint | run dir> [dotted.key=value ...]
@@ -12,6 +12,7 @@ needle.
     python -m train bench-bra [--batch 64] [--lengths 4096 8192 16384] [--lm configs/gpt-tiny.yaml configs/bra-tiny.yaml]
     python -m train needle <checkpoint | run dir> [dotted.key=value ...] [--variants dense dhsa fixed] [--budget B]
         [--mixer key=value ...] [--lengths 256 512 1024 2048] [--depths 0 0.25 0.5 0.75 1] [--trials 10] [--out DIR]
+    python -m train dhsa-boundaries <checkpoint | run dir | model dir> [--batches 32] [--steps 300] [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ from .module import NonFiniteLossError
 def _add_target(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("target", help=what)
     p.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value (OmegaConf dotlist)")
+
+
+def _alpha(text: str) -> float | None:
+    """--alpha: a number, or 'none' for no class weighting."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1] or 'none'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out tokens for perplexity, the same text at every length (at least one longest window)")
     p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass for perplexity")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/needle)")
+    p = sub.add_parser("dhsa-boundaries", help="DHSA: train the learned chunk-boundary predictors on a model's keys, "
+                                               "labeled by its own attention")  # fmt: skip
+    _add_target(p, "checkpoint file, run directory, or exported model directory (dense or DHSA mixers)")
+    p.add_argument("--batches", type=int, default=32, help="train-split batches (data.batch_size x data.seq_len)")
+    p.add_argument("--val-batches", type=int, default=8, help="held-out batches for the evaluation")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (one stored batch per step, all layers)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init, the batch order and the train windows")
+    p.add_argument("--ratio", type=float, default=2.0, help="label 1 where the attention mass ratio across p >= this")
+    p.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma (0: cross-entropy)")
+    p.add_argument("--alpha", type=_alpha, default=0.25, help="focal loss alpha of the positives, or 'none'")
+    # default None: the DHSA mixer's own default (arch/dhsa.py), so the predictors fit `model.mixer.type=dhsa`
+    p.add_argument("--window", type=int, help="keys on each side of a candidate boundary (mixer.window; default 4)")
+    p.add_argument("--hidden", type=int, help="predictor MLP width (mixer.predictor_hidden; default 256)")
+    p.add_argument("--threshold", type=float, help="evaluation: boundary where the logit exceeds this (default 1.1)")
+    p.add_argument("--nms-radius", type=int, help="evaluation: non-maximum suppression radius (default 8)")
+    p.add_argument("--max-chunk", type=int, help="evaluation: maximum chunk length (default 64)")
+    p.add_argument("--out", default=None, help="output file (default: <run dir>/dhsa/boundaries.safetensors)")
     return parser
 
 
@@ -179,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             needle_command(args.target, args.overrides, args.variants, args.budget, args.mixer, args.lengths,
                            args.depths, args.trials, args.seed, args.ppl_tokens, args.batch_tokens,
                            args.out)  # fmt: skip
+        elif args.command == "dhsa-boundaries":
+            from .dhsa_boundaries import dhsa_boundaries
+
+            mixer_opts = {k: getattr(args, k) for k in ("window", "hidden", "threshold", "nms_radius", "max_chunk")}
+            dhsa_boundaries(args.target, args.overrides, batches=args.batches, val_batches=args.val_batches,
+                            steps=args.steps, lr=args.lr, seed=args.seed, ratio=args.ratio, gamma=args.gamma,
+                            alpha=args.alpha, out=args.out,
+                            **{k: v for k, v in mixer_opts.items() if v is not None})  # fmt: skip
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
