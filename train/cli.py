@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="relative needle depths, 0 = start of the haystack, 1 = right before the question")
     p.add_argument("--trials", type=int, default=10, help="random passkeys per (length, depth) cell")
+    p.add_argument("--key", choices=["digits", "letters"], default="digits",
+                   help="passkey of 5 digits, or of 5 capital letters (models trained on text without digits)")
     p.add_argument("--seed", type=int, default=0, help="seed of passkeys and haystacks (the same for every variant)")
     p.add_argument("--ppl-tokens", type=int, default=65536,
                    help="held-out tokens for perplexity, the same text at every length (at least one longest window)")
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
             needle_command(args.target, args.overrides, args.variants, args.budget, args.mixer, args.lengths,
                            args.depths, args.trials, args.seed, args.ppl_tokens, args.batch_tokens,
-                           args.out)  # fmt: skip
+                           args.out, args.key)  # fmt: skip
         elif args.command == "dhsa-boundaries":
             from .dhsa_boundaries import dhsa_boundaries
 

@@ -162,9 +162,13 @@ def build_prompt(haystack: Sequence[int], length: int, depth: float, passkey: st
 
 
 def build_cells(tokens: np.ndarray, tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int,
-                seed: int) -> dict[tuple[int, float], list[Prompt]]:  # fmt: skip
+                seed: int, key: str = "digits") -> dict[tuple[int, float], list[Prompt]]:  # fmt: skip
     """{(length, depth): ``trials`` prompts}. Trial t at length L takes its passkey and haystack offset (into the
-    held-out ``tokens``) from a generator seeded by (seed, L, t), the same for every depth."""
+    held-out ``tokens``) from a generator seeded by (seed, L, t), the same for every depth. ``key``: ``digits``
+    (5 digits, as in the passkey benchmarks) or ``letters`` (5 capital letters: a model trained on text without
+    digits, like the Shakespeare byte models, can still copy them)."""
+    if key not in ("digits", "letters"):
+        raise ConfigError(f"--key: {key!r}; allowed values: digits, letters")
     boundaries = _Boundaries(tokenizer)
     cells = {(L, d): [] for L in lengths for d in depths}
     for L in lengths:
@@ -172,7 +176,8 @@ def build_cells(tokens: np.ndarray, tokenizer, lengths: Sequence[int], depths: S
             raise ConfigError(f"--lengths: {L} is longer than the held-out split ({len(tokens)} tokens)")
         for t in range(trials):
             rng = np.random.default_rng([seed, L, t])
-            passkey = str(int(rng.integers(10_000, 100_000)))  # 5 digits
+            passkey = (str(int(rng.integers(10_000, 100_000))) if key == "digits"
+                       else "".join(chr(ord("A") + int(c)) for c in rng.integers(0, 26, 5)))  # fmt: skip
             start = int(rng.integers(0, len(tokens) - L))
             haystack = tokens[start : start + L]  # more than enough: the haystack is shorter than L
             for d in depths:
@@ -278,7 +283,7 @@ Variants = Union[dict[str, list[str]], Callable[[list[int]], dict[str, list[str]
 def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Variants] = None,
            lengths: Optional[Sequence[int]] = None, depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 10,
            seed: int = 0, ppl_tokens: int = 65536, batch_tokens: int = 32768, out_dir: Optional[str] = None,
-           arguments: Optional[dict] = None, progress: bool = True) -> dict:  # fmt: skip
+           arguments: Optional[dict] = None, progress: bool = True, key: str = "digits") -> dict:  # fmt: skip
     """Evaluate ``target`` under each variant ({name: overrides}; default: ``dense`` only); print the tables,
     write needle.json, needle.png and ppl.png. ``variants`` may also be a function of the resolved lengths
     (``lengths -> {name: overrides}``), for defaults that depend on them (the sparse budget)."""
@@ -316,7 +321,7 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
     data.setup()
     val = data.splits["validation"]["tokens"]
     source = cfg["data"]["source"]["type"]
-    cells = build_cells(val, tokenizer, lengths, depths, trials, seed)
+    cells = build_cells(val, tokenizer, lengths, depths, trials, seed, key)
     windows = ppl_windows(len(val), lengths, ppl_tokens)
     n_ppl = len(windows[max(lengths)]) * max(lengths)
     print(f"needle {target} on {device}: variants {', '.join(variants)}; passkey retrieval at lengths "
@@ -377,7 +382,8 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
 
 def needle_command(target: str, overrides: Sequence[str], variants: Sequence[str], budget: Optional[int],
                    mixer: Sequence[str], lengths: Optional[Sequence[int]], depths: Sequence[float], trials: int,
-                   seed: int, ppl_tokens: int, batch_tokens: int, out_dir: Optional[str]) -> dict:  # fmt: skip
+                   seed: int, ppl_tokens: int, batch_tokens: int, out_dir: Optional[str], key: str = "digits"
+                   ) -> dict:  # fmt: skip
     """The CLI entry: the named variants of ``variant_table`` at ``--budget`` (default: longest length // 4)."""
     if budget is not None and budget < 1:
         raise ConfigError(f"--budget: must be >= 1, got {budget}")
@@ -387,7 +393,7 @@ def needle_command(target: str, overrides: Sequence[str], variants: Sequence[str
     arguments = {"target": str(target), "overrides": list(overrides), "variants": names, "budget": budget,
                  "mixer": list(mixer), "lengths": list(lengths) if lengths else None, "depths": list(depths),
                  "trials": trials, "seed": seed, "ppl_tokens": ppl_tokens, "batch_tokens": batch_tokens,
-                 "out": out_dir}  # fmt: skip
+                 "out": out_dir, "key": key}  # fmt: skip
 
     def table(resolved: list[int]) -> dict[str, list[str]]:
         arguments["budget_resolved"] = budget if budget is not None else max(1, max(resolved) // 4)
@@ -395,7 +401,7 @@ def needle_command(target: str, overrides: Sequence[str], variants: Sequence[str
         return {name: full[name] for name in names}
 
     return needle(target, overrides, table, lengths, depths, trials, seed, ppl_tokens, batch_tokens, out_dir,
-                  arguments=arguments)  # fmt: skip
+                  arguments=arguments, key=key)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -84,6 +84,9 @@ def test_cells_are_seeded_and_share_haystack_and_passkey_across_depths():
         for d in (0.5, 1.0):
             assert [p.passkey for p in a[L, d]] == keys
             assert all(len(p.ids) == L for p in a[L, d])
+    letters = build_cells(tokens, TOK, [128], [0.5], 4, seed=3, key="letters")[128, 0.5]
+    assert all(len(p.passkey) == 5 and p.passkey.isalpha() and p.passkey.isupper() for p in letters)
+    assert TOK.decode(letters[0].ids[letters[0].answer_start :]) == letters[0].passkey
 
 
 # --------------------------------------------------------------------------------------------- scoring
