@@ -92,11 +92,16 @@ class BoundaryPredictor(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def similarity_scores(k: torch.Tensor, window: int, p0: int = 0, p1: Optional[int] = None) -> torch.Tensor:
+def similarity_scores(k: torch.Tensor, window: int, p0: int = 0, p1: Optional[int] = None,
+                      span: int = 2048) -> torch.Tensor:  # fmt: skip
     """Parameter-free boundary score: −cos(mean of the ``window`` keys before p, mean of the ``window`` keys from
     p on). k: [B, T, C] -> [B, p1 - p0]."""
-    x = key_windows(k.float(), window, p0, k.shape[1] if p1 is None else p1)
-    return -F.cosine_similarity(x[:, :, :window].mean(2), x[:, :, window:].mean(2), dim=-1)
+    k, p1 = k.float(), k.shape[1] if p1 is None else p1
+    out = []
+    for a in range(p0, p1, span):  # bounded memory: 2w copies of `span` keys at a time
+        x = key_windows(k, window, a, min(a + span, p1))
+        out.append(-F.cosine_similarity(x[:, :, :window].mean(2), x[:, :, window:].mean(2), dim=-1))
+    return torch.cat(out, dim=1)
 
 
 def nms_starts(scores: torch.Tensor, threshold: float, nms_radius: int, max_chunk: int) -> torch.Tensor:
@@ -178,7 +183,7 @@ def forced_count(rstart: torch.Tensor, i0: torch.Tensor, n_init: int) -> torch.T
 
 def selected_keys(
     quota: torch.Tensor, top: torch.Tensor, rstart: torch.Tensor, cid: torch.Tensor, i0: torch.Tensor,
-    i1: torch.Tensor, n_init: int, group: int = 1 << 21,
+    i1: torch.Tensor, n_init: int, group: int = 1 << 20,
 ) -> torch.Tensor:  # fmt: skip
     """The key positions each query block sees, ascending, -1 padded: LongTensor [B, nb, S].
 
