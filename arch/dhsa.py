@@ -55,6 +55,7 @@ from .registry import MIXERS, ConfigError
 Chunker = Literal["similarity", "learned", "fixed"]
 LEARNED_THRESHOLD = 1.1  # default boundary threshold on the learned predictor's logit (authors' code)
 Mode = Literal["causal", "prefill"]
+SELECT_ELEMENTS = 1 << 20  # the selection works on [B, query blocks, T] tensors of about this many elements
 
 
 def key_windows(k: torch.Tensor, window: int, p0: int, p1: int) -> torch.Tensor:
@@ -295,10 +296,15 @@ class DHSA(CausalSelfAttention):
         else:  # mean over the block of its positions' chunk representations Q_c
             qc = chunk_reps(Pq, c_start, c_end).gather(1, cid[..., None].expand(B, T, Pq.shape[-1]))  # [B, T, hd]
             qrep = F.pad(qc, (0, 0, 0, nb * qb - T)).view(B, nb, qb, -1).sum(2) / (i1.clamp_max(T) - i0)[None, :, None]
-        quota, top, rstart = select_quota(qrep, krep, c_start, c_end, i0, i1, budget=self.budget, n_init=self.n_init,
-                                          n_recent=self.n_recent, lookahead=self.lookahead if self.mode == "causal"
-                                          else None)  # fmt: skip
-        return selected_keys(quota, top, rstart, cid, i0, i1, self.n_init)
+        lookahead = self.lookahead if self.mode == "causal" else None
+        out, group = [], max(1, SELECT_ELEMENTS // T)  # query blocks at a time: [B, group, T] temporaries
+        for g0 in range(0, nb, group):
+            g = slice(g0, min(g0 + group, nb))
+            quota, top, rstart = select_quota(qrep[:, g], krep, c_start, c_end, i0[g], i1[g], budget=self.budget,
+                                              n_init=self.n_init, n_recent=self.n_recent, lookahead=lookahead)  # fmt: skip
+            out.append(selected_keys(quota, top, rstart, cid, i0[g], i1[g], self.n_init))
+        S = max(o.shape[-1] for o in out)
+        return torch.cat([F.pad(o, (0, S - o.shape[-1]), value=-1) for o in out], dim=1)
 
     # ---- decoding -------------------------------------------------------------------------------------------
     def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:

@@ -153,6 +153,15 @@ def test_selection_matches_the_per_block_rule(chunker):
     assert any(len(s) < (b + 1) * 8 for b, s in enumerate(ref))  # the selection is sparse somewhere
 
 
+@pytest.mark.parametrize("mode", ["causal", "prefill"])
+def test_selection_in_groups_of_query_blocks_is_the_same(mode, monkeypatch):
+    mixer = swapped(lm("dense", T=90, layers=1), budget=30, mode=mode).blocks[0].mixer
+    q, k = torch.randn(2, 90, 4, 8), torch.randn(2, 90, 2, 8)
+    whole = mixer.select(q, k)
+    monkeypatch.setattr(arch.dhsa, "SELECT_ELEMENTS", 200)  # 2 query blocks per group
+    assert torch.equal(mixer.select(q, k), whole)
+
+
 def test_sparse_attention_matches_a_dense_masked_reference_with_gradients():
     T = 61
     m = swapped(lm("dense", T=T, layers=1), budget=20)
