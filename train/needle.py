@@ -44,6 +44,7 @@ import gc
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -220,19 +221,65 @@ def ppl_windows(n_tokens: int, lengths: Sequence[int], max_tokens: int) -> dict[
     return {L: (spans[:, None] + np.arange(span // L) * L).ravel() for L in lengths}  # [K * (span // L)]
 
 
+def selection_recall(q: torch.Tensor, k: torch.Tensor, kv: torch.Tensor, query_block: int) -> torch.Tensor:
+    """Attention recall of a key selection: the share of each query's dense causal attention probability
+    (softmax of q kᵀ/√hd over every past key) that falls on the keys its query block selected.
+    q [1, T, H, hd], k [1, T, Hkv, hd], kv [1, nb, S] (DHSA's selection, -1 padded) -> [H, T]."""
+    T, H, hd = q.shape[1], q.shape[2], q.shape[3]
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    p = ((q[0].transpose(0, 1) @ k[0].permute(1, 2, 0)) * hd**-0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+    chosen = torch.zeros(kv.shape[1], T + 1, dtype=torch.bool, device=q.device)  # [nb, T + 1]; column T: padding
+    chosen.scatter_(1, torch.where(kv[0] >= 0, kv[0], T), True)
+    keep = chosen[torch.arange(T, device=q.device) // query_block, :T] & causal  # [T, T]
+    return (p * keep).sum(-1)  # [H, T]
+
+
+@contextmanager
+def recording_recall(model):
+    """While active, every DHSA mixer of ``model`` also records ``selection_recall`` of its selections, one
+    sequence at a time; yields {layer: [sum of recalls, count]}."""
+    from arch.dhsa import DHSA
+
+    stats: dict[int, list[float]] = {}
+    mixers = [(i, b.mixer) for i, b in enumerate(model.blocks) if isinstance(b.mixer, DHSA)]
+    for i, m in mixers:
+
+        def attend(q, k, v, m=m, i=i, original=m.attend):
+            kv = m.select(q, k)
+            for b in range(q.shape[0]):
+                r = selection_recall(q[b : b + 1].float(), k[b : b + 1].float(), kv[b : b + 1], m.query_block)
+                acc = stats.setdefault(i, [0.0, 0])
+                acc[0], acc[1] = acc[0] + r.sum().item(), acc[1] + r.numel()
+            return original(q, k, v)
+
+        m.attend = attend  # instance attribute: shadows the method until deleted
+    try:
+        yield stats
+    finally:
+        for _, m in mixers:
+            del m.attend
+
+
 @torch.no_grad()
 def perplexity(model, tokens: np.ndarray, starts: np.ndarray, length: int, batch_tokens: int, device="cpu") -> dict:
     """Mean next-token loss over the windows ``tokens[s : s + length + 1]`` for s in ``starts``, about
-    ``batch_tokens`` tokens per forward pass."""
+    ``batch_tokens`` tokens per forward pass; with DHSA mixers also their mean attention recall (all layers, and
+    per layer), see ``selection_recall``."""
     per_batch = max(1, batch_tokens // length)
     total, count = 0.0, 0
-    for i in range(0, len(starts), per_batch):
-        batch = torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts[i : i + per_batch]]))
-        batch = batch.to(device=device, dtype=torch.long)  # [b, length + 1]
-        logits = model(batch[:, :-1])  # [b, length, V]
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return {"loss": total / count, "tokens": count, "windows": len(starts)}
+    with recording_recall(model) as recall:
+        for i in range(0, len(starts), per_batch):
+            batch = torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts[i : i + per_batch]]))
+            batch = batch.to(device=device, dtype=torch.long)  # [b, length + 1]
+            logits = model(batch[:, :-1])  # [b, length, V]
+            total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+            count += batch[:, 1:].numel()
+    out = {"loss": total / count, "tokens": count, "windows": len(starts)}
+    if recall:
+        per_layer = {i: s / n for i, (s, n) in sorted(recall.items())}
+        out.update(recall=sum(per_layer.values()) / len(per_layer), recall_per_layer=per_layer)
+    return out
 
 
 def evaluate_variant(model, cells: dict, val_tokens: np.ndarray, windows: dict[int, np.ndarray],
@@ -426,6 +473,13 @@ def print_tables(result: dict) -> None:
         cells = [f"{r['ppl'][j]['ppl']:.3f} ({r['ppl'][j]['bpb']:.3f})" for r in variants.values()]
         cells += [f"{variants[n]['ppl'][j]['ppl_ratio_vs_dense']:.3f}" for n in ratios]
         print(f"| {L} | " + " | ".join(cells) + " |")
+    sparse = [n for n, r in variants.items() if "recall" in r["ppl"][0]]
+    if sparse:
+        print("\nattention recall: share of the dense attention probability on the selected keys (mean over layers,"
+              " heads, queries)")
+        print("| length | " + " | ".join(sparse) + " |\n|---:|" + "---:|" * len(sparse))
+        for j, L in enumerate(lengths):
+            print(f"| {L} | " + " | ".join(f"{variants[n]['ppl'][j]['recall']:.4f}" for n in sparse) + " |")
 
 
 def plot(result: dict, out: Path) -> list[Path]:

@@ -175,6 +175,21 @@ def test_variants_with_the_same_model_give_the_same_numbers(run, tmp_path, capsy
     assert "| length | dense | again | sdpa | again / dense | sdpa / dense |" in capsys.readouterr().out
 
 
+def test_sparse_variants_record_attention_recall(run, tmp_path, capsys):
+    variants = {"dense": [], "dhsa": ["model.mixer.type=dhsa", "model.mixer.budget=16", "model.mixer.n_init=4",
+                                      "model.mixer.n_recent=8", "model.mixer.query_block=8"],
+                "all": ["model.mixer.type=dhsa", "model.mixer.budget=256"]}  # fmt: skip
+    r = needle(str(run), [], variants, [128, 256], [0.5], trials=1, ppl_tokens=256, out_dir=str(tmp_path),
+               progress=False)  # fmt: skip
+    v = r["variants"]
+    assert "recall" not in v["dense"]["ppl"][0]
+    assert [p["recall"] for p in v["all"]["ppl"]] == pytest.approx([1.0, 1.0])  # budget >= T: every key
+    assert [p["ppl_ratio_vs_dense"] for p in v["all"]["ppl"]] == pytest.approx([1.0, 1.0], abs=1e-4)
+    for p in v["dhsa"]["ppl"]:
+        assert 0.2 < p["recall"] < 1 and len(p["recall_per_layer"]) == 2  # one per DHSA layer
+    assert "attention recall" in capsys.readouterr().out
+
+
 def test_needle_errors(run, tmp_path, capsys):
     assert main(["needle", str(run), "--variants", "dense", "--lengths", "128", "512", "--out", str(tmp_path)]) == 2
     assert "--lengths: 512 exceeds the model's max_seq_len=256" in capsys.readouterr().err
@@ -185,3 +200,19 @@ def test_needle_errors(run, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"variant bad \(model.mixer.window=3\): model.mixer.window: unknown key"):
         needle(str(run), [], {"dense": [], "bad": ["model.mixer.window=3"]}, [128], out_dir=str(tmp_path))
     assert not list(tmp_path.iterdir())  # nothing evaluated or written before every variant is checked
+
+
+def test_selection_recall_against_direct_softmax():
+    from train.needle import selection_recall
+
+    g = torch.Generator().manual_seed(0)
+    T, qb = 21, 4
+    q, k = torch.randn(1, T, 4, 8, generator=g), torch.randn(1, T, 2, 8, generator=g)
+    nb = -(-T // qb)
+    every = torch.arange(T).expand(1, nb, T)  # every key: recall 1 (the future ones are not counted)
+    torch.testing.assert_close(selection_recall(q, k, every, qb), torch.ones(4, T))
+    first = torch.tensor([0, -1, -1]).expand(1, nb, 3)  # only key 0: its softmax weight
+    kk = k.repeat_interleave(2, dim=2)[0]  # [T, H, hd]
+    s = torch.einsum("thd,shd->hts", q[0], kk) * 8**-0.5
+    p = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    torch.testing.assert_close(selection_recall(q, k, first, qb), p[:, :, 0])
