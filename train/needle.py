@@ -73,15 +73,16 @@ SCORING = ("teacher-forced: one forward pass of prompt + answer per trial; corre
 # --------------------------------------------------------------------------------------------- variants
 def variant_table(budget: int, mixer: Sequence[str] = ()) -> dict[str, list[str]]:
     """{variant name: config overrides}: ``dense``, ``dhsa`` at ``budget``, ``fixed`` blocks at ``budget``.
-    ``mixer``: extra ``key=value`` options of both sparse variants (``model.mixer.key=value``)."""
-    extra = []
+    ``mixer``: extra ``key=value`` options of both sparse variants (``model.mixer.key=value``), except that the
+    learned chunker's ``predictor`` goes to ``dhsa`` only."""
+    extra, learned = [], []
     for item in mixer:
         key, sep, _ = item.partition("=")
         if not sep or not key or "." in key:
             raise ConfigError(f"--mixer {item!r}: expected key=value of the sparse mixer, e.g. --mixer chunker=learned")
-        extra.append(f"model.mixer.{item}")
+        (learned if key.strip() == "predictor" else extra).append(f"model.mixer.{item}")
     sparse = ["model.mixer.type=dhsa", f"model.mixer.budget={budget}", *extra]
-    return {"dense": [], "dhsa": sparse, "fixed": [*sparse, "model.mixer.chunker=fixed"]}
+    return {"dense": [], "dhsa": [*sparse, *learned], "fixed": [*sparse, "model.mixer.chunker=fixed"]}
 
 
 def _requested_mixer(overrides: Sequence[str]) -> Optional[str]:
