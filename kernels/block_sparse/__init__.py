@@ -97,7 +97,10 @@ def _shared_selection(q, k, v, kv_blocks, bs, qbs, causal, token_mask, key_mask,
     nqb, nkb, S = math.ceil(Tq / qbs), math.ceil(Tk / bs), kv_blocks.shape[3]
     if kv_blocks.shape[:3] != (B, 1, nqb):
         raise ValueError(f"kv_blocks: expected shape [{B}, 1 or {H}, {nqb}, S], got {list(kv_blocks.shape)}")
-    pad = lambda x, n, size: F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1])).view(B, n, size, *x.shape[2:])  # noqa: E731
+    def pad(x, n, size):  # [B, T, h, hd] -> [B, n, size, h, hd]; a view when T = n·size
+        x = x if x.shape[1] == n * size else F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1]))
+        return x.view(B, n, size, *x.shape[2:])
+
     idx = kv_blocks[:, 0]
     key_ok = torch.arange(nkb * bs, device=q.device) < Tk
     key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
@@ -105,7 +108,7 @@ def _shared_selection(q, k, v, kv_blocks, bs, qbs, causal, token_mask, key_mask,
         token_mask = F.pad(token_mask[:, 0], (0, 0, 0, nqb * qbs - Tq)).view(B, nqb, qbs, S)
     out = shared_selection_attention(
         pad(q, nqb, qbs), pad(k, nkb, bs), pad(v, nkb, bs), idx.clamp_min(0), idx >= 0, token_mask,
-        key_ok.view(B, nkb, bs), causal, hd**-0.5 if scale is None else scale, max(1, nkb // max(2 * S, 1)),
+        key_ok.view(B, nkb, bs), causal, hd**-0.5 if scale is None else scale, max(1, nkb // max(8 * S, 1)),  # ~T/8 keys
     )  # fmt: skip  # [B, nqb, qbs, H, hd]
     return out.view(B, nqb * qbs, H, hd)[:, :Tq]
 
