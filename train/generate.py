@@ -6,11 +6,30 @@ import torch
 from torch import nn
 
 
+def _prefill_cache(model: nn.Module, out: torch.Tensor):
+    """(logits of the last position [1, V], decoding cache) by feeding the prompt through ``model.step``, or
+    (None, None) if some layer cannot decode incrementally (e.g. mixer ``bra``) or the prompt fills the context."""
+    if not hasattr(model, "step") or out.shape[1] >= model.max_seq_len:
+        return None, None
+    cache = model.new_cache()
+    try:
+        for t in range(out.shape[1]):
+            logits = model.step(out[:, t : t + 1], cache)
+    except (NotImplementedError, RuntimeError):  # no step for this mixer / mode
+        return None, None
+    return logits[:, -1], cache
+
+
 @torch.no_grad()
 def generate(
-    model: nn.Module, ids: list[int], n_new: int, temperature: float = 0.8, top_k: int | None = None, seed: int = 0
-) -> list[int]:
-    """Append ``n_new`` sampled tokens to ``ids``; the context is cropped to the model's ``max_seq_len``."""
+    model: nn.Module, ids: list[int], n_new: int, temperature: float = 0.8, top_k: int | None = None, seed: int = 0,
+    incremental: bool = True,
+) -> list[int]:  # fmt: skip
+    """Append ``n_new`` sampled tokens to ``ids``; the context is cropped to the model's ``max_seq_len``.
+
+    ``incremental``: decode token by token with the model's cache (``CausalLM.step``: keys, values and sparse
+    mixers' state) while the sequence fits the context, else (or for mixers without ``step``) re-run the model on
+    the last ``max_seq_len`` tokens for every new token."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     was_training = model.training
@@ -18,13 +37,21 @@ def generate(
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out = torch.tensor([ids], device=device)  # [1, T]
+    last, cache = _prefill_cache(model, out) if incremental else (None, None)
     for _ in range(n_new):
-        logits = model(out[:, -model.max_seq_len :])[:, -1].float() / temperature  # [1, V]
+        if cache is None:
+            last = model(out[:, -model.max_seq_len :])[:, -1]
+        logits = last.float() / temperature  # [1, V]
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)  # [1, 1]
         out = torch.cat([out, nxt], dim=1)
+        if cache is not None:
+            if out.shape[1] > model.max_seq_len:  # the context is full: from now on, re-run the cropped window
+                cache = None
+            else:
+                last = model.step(nxt, cache)[:, -1]
     model.train(was_training)
     return out[0].tolist()
 
