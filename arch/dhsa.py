@@ -312,7 +312,7 @@ class DHSA(CausalSelfAttention):
         behind, each decided boundary closes one chunk whose K_c is appended to the chunk summaries, and at the
         start of every query block the block's selection is made over the chunks closed so far."""
         if self.mode != "causal":
-            raise RuntimeError("decoding needs mixer.mode 'causal' (prefill selections see later positions)")
+            raise NotImplementedError("decoding needs mixer.mode 'causal' (prefill selections see later positions)")
         k_all, v_all = cache["k"], cache["v"]  # [B, t+1, Hkv, hd]
         B, t = q.shape[0], k_all.shape[1] - 1
         if t == 0:  # prefix sums of the head-mean queries and keys, boundary scores, closed chunks
