@@ -96,6 +96,16 @@ class CausalSelfAttention(nn.Module):
         return attend_keys(q, cache["k"], cache["v"])
 
 
+def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The probabilities of dense causal attention, materialised (for analysis: labels, recall):
+    q [B, T, H, hd], k [B, T, Hkv, hd] -> [B, H, T, T], row i = softmax_j(q_i · k_j / √hd) over j <= i."""
+    T, H, hd = q.shape[1], q.shape[2], q.shape[3]
+    k = k.repeat_interleave(H // k.shape[2], dim=2)  # GQA: query head h reads kv head h // (H / Hkv)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * hd**-0.5  # [B, H, T, T]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return s.masked_fill(future, float("-inf")).softmax(-1)
+
+
 def attend_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(hd)) v for decoding: q [B, 1, H, hd] over k, v [B, S, Hkv, hd]; ``visible`` (BoolTensor
     [B, S]) masks keys out -> [B, 1, H, hd]."""

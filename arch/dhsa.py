@@ -105,12 +105,12 @@ def similarity_scores(k: torch.Tensor, window: int, p0: int = 0, p1: Optional[in
     return torch.cat(out, dim=1)
 
 
-def nms_starts(scores: torch.Tensor, threshold: float, nms_radius: int, max_chunk: int) -> torch.Tensor:
-    """Chunk starts from boundary scores [B, T] -> [B, T] bool: a chunk starts at p if its score exceeds
-    ``threshold`` and is the maximum within ``nms_radius`` positions on either side, the first of equal maxima
-    (1-D non-maximum suppression), and at every multiple of ``max_chunk`` (position 0 included)."""
+def nms_starts(scores: torch.Tensor, threshold: float, nms_radius: int, max_chunk: int, offset: int = 0) -> torch.Tensor:
+    """Chunk starts from boundary scores [B, T] of positions offset.. -> [B, T] bool: a chunk starts at p if its
+    score exceeds ``threshold`` and is the maximum within ``nms_radius`` positions on either side, the first of
+    equal maxima (1-D non-maximum suppression), and at every multiple of ``max_chunk`` (position 0 included)."""
     T = scores.shape[1]
-    pos = torch.arange(T, device=scores.device)
+    pos = torch.arange(offset, offset + T, device=scores.device)
     start = scores > threshold
     r = nms_radius
     if r:  # a local maximum within r on either side; of equal maxima the first
@@ -184,29 +184,23 @@ def forced_count(rstart: torch.Tensor, i0: torch.Tensor, n_init: int) -> torch.T
 
 def selected_keys(
     quota: torch.Tensor, top: torch.Tensor, rstart: torch.Tensor, cid: torch.Tensor, i0: torch.Tensor,
-    i1: torch.Tensor, n_init: int, group: int = 1 << 20,
+    i1: torch.Tensor, n_init: int,
 ) -> torch.Tensor:  # fmt: skip
     """The key positions each query block sees, ascending, -1 padded: LongTensor [B, nb, S].
 
     quota, top [B, nb, nC], rstart [B, nb] from ``select_quota``; cid [B, T] chunk of each key; blocks
-    [i0, i1) [nb]."""
+    [i0, i1) [nb]. Works on [B, nb, T] tensors: the caller bounds nb (``SELECT_ELEMENTS``)."""
     B, nb, _ = quota.shape
     T = cid.shape[1]
     pos = torch.arange(T, device=cid.device)  # [T]
     S = min(max(int((forced_count(rstart, i0, n_init) + (i1 - i0)[None] + quota.sum(-1)).max()), 1), T)
-    out = torch.full((B, nb, S), -1, dtype=torch.long, device=cid.device)
-    g = max(1, group // T)  # query blocks per pass: [B, g, T] temporaries
-    c = cid[:, None, :]
-    for b0 in range(0, nb, g):
-        b1 = min(b0 + g, nb)
-        q_tok, t_tok = quota[:, b0:b1].gather(-1, c.expand(-1, b1 - b0, -1)), top[:, b0:b1].gather(
-            -1, c.expand(-1, b1 - b0, -1))  # fmt: skip  # [B, g, T] per key: its chunk's quota and span end
-        seen = (pos < t_tok) & (pos >= t_tok - q_tok)
-        seen |= (pos < n_init) | ((pos >= rstart[:, b0:b1, None]) & (pos < i1[b0:b1, None]))
-        key = torch.where(seen, (T - pos).to(torch.int32), 0)  # larger = earlier; 0 = unseen
-        val, idx = key.topk(S, dim=-1)  # ascending positions first
-        out[:, b0:b1] = torch.where(val > 0, idx, -1)
-    return out
+    c = cid[:, None, :].expand(B, nb, T)
+    q_tok, t_tok = quota.gather(-1, c), top.gather(-1, c)  # [B, nb, T] per key: its chunk's quota and span end
+    seen = (pos < t_tok) & (pos >= t_tok - q_tok)
+    seen |= (pos < n_init) | ((pos >= rstart[..., None]) & (pos < i1[:, None]))
+    key = torch.where(seen, (T - pos).to(torch.int32), 0)  # larger = earlier; 0 = unseen
+    val, idx = key.topk(S, dim=-1)  # ascending positions first
+    return torch.where(val > 0, idx, -1)
 
 
 @MIXERS.register("dhsa")
@@ -215,7 +209,7 @@ class DHSA(CausalSelfAttention):
     mixer, so it can replace it in a trained model (``model.mixer.type=dhsa``). ``budget`` >= the context length
     is exactly dense causal attention, in both modes.
 
-    budget: key tokens per query block (forced + selected). chunker: ``similarity`` (parameter-free),
+    budget: key tokens before each query block (forced + selected; the block itself is always seen). chunker: ``similarity`` (parameter-free),
     ``learned`` (``BoundaryPredictor``; weights from ``predictor``, a file written by
     ``python -m train dhsa-boundaries``, or from the checkpoint) or ``fixed`` (``chunk_size`` tokens).
     threshold: boundary score threshold (default: 1.1 on the learned logit as in the authors' code; −inf for
@@ -331,52 +325,53 @@ class DHSA(CausalSelfAttention):
         """With keys 0..t known, decide whether a chunk starts at p = t − lookahead; if so, close the chunk
         before it and append its K_c."""
         w, r = self.window, self.nms_radius
-        if self.chunker != "fixed" and t - w + 1 >= 0:  # the score of p = t-w+1 needs keys up to t
-            cache["scores"] = torch.cat([cache["scores"], self.boundary_scores(k, t - w + 1, t - w + 2)], dim=1)
+        if self.chunker != "fixed" and t - w + 1 >= 0:  # the score of p = t-w+1 needs keys p-w .. t
+            lo = max(t + 1 - 2 * w, 0)
+            score = self.boundary_scores(k[:, lo:], t - w + 1 - lo, t - w + 2 - lo)  # [B, 1]
+            cache["scores"] = torch.cat([cache["scores"], score], dim=1)
         p = t - self.lookahead
         if p < 1:
             return
         if self.chunker == "fixed":
             start = p % self.chunk_size == 0
         else:
-            s = cache["scores"]  # [B, t-w+2] = [B, p + r + 1]
-            start_b = s[:, p] > self.threshold
-            if r:  # as in chunk_starts
-                start_b &= (s[:, p] > s[:, max(p - r, 0) : p].amax(1)) & (s[:, p] >= s[:, p + 1 : p + r + 1].amax(1))
-            start_b |= p % self.max_chunk == 0
+            lo = max(p - r, 0)  # the scores of p-r .. p+r are known: cache["scores"] is [B, p + r + 1]
+            start_b = nms_starts(cache["scores"][:, lo:], self.threshold, r, self.max_chunk, offset=lo)[:, p - lo]
             if not (bool(start_b.all()) or not bool(start_b.any())):
                 raise NotImplementedError("DHSA decoding keeps one chunk table per batch: decode one sequence at "
                                           "a time (batch size 1) or use chunker 'fixed'")  # fmt: skip
             start = bool(start_b[0])
         if start:
             s0 = cache["chunk_start"][-1]
-            rep = chunk_reps(cache["Pk"], torch.full((k.shape[0], 1), s0), torch.full((k.shape[0], 1), p))
+            span = lambda i: torch.full((k.shape[0], 1), i, device=k.device)  # noqa: E731
+            rep = chunk_reps(cache["Pk"], span(s0), span(p))
             cache["krep"] = torch.cat([cache["krep"], rep], dim=1)
             cache["chunk_start"].append(p)
 
     def _select_block(self, i0: int, cache: dict) -> torch.Tensor:
         """The selection of the query block starting at i0, from the closed chunks -> key positions [B, S]."""
-        B, hd = cache["Pq"].shape[0], cache["Pq"].shape[-1]
-        bounds = torch.tensor(cache["chunk_start"])  # starts of the closed chunks, then the end of the last
+        B, hd, dev = cache["Pq"].shape[0], cache["Pq"].shape[-1], cache["Pq"].device
+        bounds = torch.tensor(cache["chunk_start"], device=dev)  # starts of the closed chunks, then the last end
         krep = cache["krep"]  # [B, nC, hd]
         if len(bounds) == 1:  # no closed chunk yet: one empty placeholder
-            bounds, krep = torch.zeros(2, dtype=torch.long), krep.new_zeros(B, 1, hd)
+            bounds, krep = torch.zeros(2, dtype=torch.long, device=dev), krep.new_zeros(B, 1, hd)
         c_start, c_end = bounds[:-1].expand(B, -1), bounds[1:].expand(B, -1)  # [B, nC]
         lo = max(i0 + 1 - self.query_block, 0)
-        qrep = chunk_reps(cache["Pq"], torch.full((B, 1), lo), torch.full((B, 1), i0 + 1))  # [B, 1, hd]
-        i1 = torch.tensor([i0 + self.query_block])
-        i0 = torch.tensor([i0])
+        span = lambda i: torch.full((B, 1), i, device=dev)  # noqa: E731
+        qrep = chunk_reps(cache["Pq"], span(lo), span(i0 + 1))  # [B, 1, hd]
+        i1 = torch.tensor([i0 + self.query_block], device=dev)
+        i0 = torch.tensor([i0], device=dev)
         quota, top, rstart = select_quota(qrep, krep, c_start, c_end, i0, i1, budget=self.budget,
                                           n_init=self.n_init, n_recent=self.n_recent, lookahead=0)  # fmt: skip
         # the chunk of each key up to the block end; keys after the closed chunks are forced or unseen, so any id
-        cid = torch.bucketize(torch.arange(int(i1)), bounds[1:], right=True).clamp_max(len(bounds) - 2)
+        cid = torch.bucketize(torch.arange(int(i1), device=dev), bounds[1:], right=True).clamp_max(len(bounds) - 2)
         return selected_keys(quota, top, rstart, cid.expand(B, -1), i0, i1, self.n_init)[:, 0]
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, T, ...] at positions idx [B, S] (-1 and positions beyond T read position 0) -> [B, S, ...]."""
     idx = torch.where((idx >= 0) & (idx < x.shape[1]), idx, 0)
-    return x[torch.arange(x.shape[0])[:, None], idx]
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
 
 def load_predictor(module: BoundaryPredictor, path: str | Path, layer: int) -> None:

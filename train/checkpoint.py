@@ -100,6 +100,15 @@ class PeriodicCheckpoint(Checkpoint):
         self._save(trainer, pl_module)
 
 
+def run_dir_of(target: str | os.PathLike) -> Path:
+    """Where a command writes its outputs by default: a run or model directory itself, a checkpoint file's run
+    directory (the folder above ``checkpoints/``)."""
+    target = Path(target)
+    if target.is_dir():
+        return target
+    return target.parent.parent if target.parent.name == "checkpoints" else target.parent
+
+
 def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "cpu"):
     """(config, model) from a checkpoint file, a run directory (its newest checkpoint) or an exported model
     directory (``model.safetensors`` + ``config.yaml``). ``overrides`` apply to the saved config, so e.g.

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -39,12 +38,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from arch.attention import CausalSelfAttention
+from arch.attention import CausalSelfAttention, causal_attention_probs
 from arch.dhsa import DHSA, LEARNED_THRESHOLD, BoundaryPredictor, nms_starts
 from arch.io import atomic_write
 from arch.registry import ConfigError
 
-from .checkpoint import load_trained
+from .checkpoint import load_trained, run_dir_of
 from .data import LMDataModule, TrainWindows, ValWindows
 
 IGNORE = -1  # label of positions without a full window on each side
@@ -56,11 +55,7 @@ _DHSA_DEFAULTS = {k: p.default for k, p in inspect.signature(DHSA.__init__).para
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Head-averaged dense causal attention probabilities, float64: q [B, T, H, hd], k [B, T, Hkv, hd] ->
     A [B, T, T] with A[b, i, j] = mean over heads of softmax_j(q_i · k_j / √hd), j <= i (0 above the diagonal)."""
-    T, H, hd = q.shape[1], q.shape[2], q.shape[3]
-    k = k.repeat_interleave(H // k.shape[2], dim=2)  # GQA: query head h reads kv head h // (H / Hkv)
-    s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / math.sqrt(hd)  # [B, H, T, T]
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return s.masked_fill(future, float("-inf")).softmax(-1).mean(1)
+    return causal_attention_probs(q.double(), k.double()).mean(1)
 
 
 def boundary_labels(A: torch.Tensor, window: int, ratio: float, eps: float = 1e-12) -> torch.Tensor:
@@ -263,9 +258,7 @@ def _check_args(**kw) -> None:
 def default_out(target: str | Path) -> Path:
     """``<run dir>/dhsa/boundaries.safetensors``: a directory target is its own run dir; a checkpoint file's run
     dir is the folder above ``checkpoints/``."""
-    t = Path(target)
-    run_dir = t if t.is_dir() else (t.parent.parent if t.parent.name == "checkpoints" else t.parent)
-    return run_dir / "dhsa" / "boundaries.safetensors"
+    return run_dir_of(target) / "dhsa" / "boundaries.safetensors"
 
 
 def dhsa_boundaries(target: str, overrides=(), *, batches: int = 32, val_batches: int = 8, steps: int = 300,

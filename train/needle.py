@@ -54,10 +54,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from arch.attention import causal_attention_probs
 from arch.io import atomic_write
 from arch.registry import ConfigError
 
-from .checkpoint import load_trained, saved_config
+from .checkpoint import load_trained, run_dir_of, saved_config
 from .config import load_config
 from .data import LMDataModule, bits_per_byte, build_tokenizer
 
@@ -226,10 +227,9 @@ def selection_recall(q: torch.Tensor, k: torch.Tensor, kv: torch.Tensor, query_b
     """Attention recall of a key selection: the share of each query's dense causal attention probability
     (softmax of q kᵀ/√hd over every past key) that falls on the keys its query block selected.
     q [1, T, H, hd], k [1, T, Hkv, hd], kv [1, nb, S] (DHSA's selection, -1 padded) -> [H, T]."""
-    T, H, hd = q.shape[1], q.shape[2], q.shape[3]
-    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    T = q.shape[1]
+    p = causal_attention_probs(q, k)[0]  # [H, T, T]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    p = ((q[0].transpose(0, 1) @ k[0].permute(1, 2, 0)) * hd**-0.5).masked_fill(~causal, float("-inf")).softmax(-1)
     chosen = torch.zeros(kv.shape[1], T + 1, dtype=torch.bool, device=q.device)  # [nb, T + 1]; column T: padding
     chosen.scatter_(1, torch.where(kv[0] >= 0, kv[0], T), True)
     keep = chosen[torch.arange(T, device=q.device) // query_block, :T] & causal  # [T, T]
@@ -246,20 +246,20 @@ def recording_recall(model):
     mixers = [(i, b.mixer) for i, b in enumerate(model.blocks) if isinstance(b.mixer, DHSA)]
     for i, m in mixers:
 
-        def attend(q, k, v, m=m, i=i, original=m.attend):
-            kv = m.select(q, k)
+        def select(q, k, m=m, i=i, original=m.select):  # the selection attend() uses, recorded on the way
+            kv = original(q, k)
             for b in range(q.shape[0]):
                 r = selection_recall(q[b : b + 1].float(), k[b : b + 1].float(), kv[b : b + 1], m.query_block)
                 acc = stats.setdefault(i, [0.0, 0])
                 acc[0], acc[1] = acc[0] + r.sum().item(), acc[1] + r.numel()
-            return original(q, k, v)
+            return kv
 
-        m.attend = attend  # instance attribute: shadows the method until deleted
+        m.select = select  # instance attribute: shadows the method until deleted
     try:
         yield stats
     finally:
         for _, m in mixers:
-            del m.attend
+            del m.select
 
 
 @torch.no_grad()
@@ -315,14 +315,6 @@ def resolve_lengths(requested: Optional[Sequence[int]], max_seq_len: int) -> lis
                               f"allowed lengths: up to {max_seq_len}")  # fmt: skip
         return list(dict.fromkeys(requested))
     return list(dict.fromkeys(min(L, max_seq_len) for L in DEFAULT_LENGTHS))
-
-
-def run_dir_of(target: str | Path) -> Path:
-    """A run or model directory itself; a checkpoint file's run directory."""
-    target = Path(target)
-    if target.is_dir():
-        return target
-    return target.parent.parent if target.parent.name == "checkpoints" else target.parent
 
 
 Variants = Union[dict[str, list[str]], Callable[[list[int]], dict[str, list[str]]]]

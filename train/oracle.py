@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from arch.duo import BIG, ROUTE_NAMES, SKIP, SMALL, DuoFFN
 from arch.registry import ConfigError
 
-from .checkpoint import load_trained
+from .checkpoint import load_trained, run_dir_of
 from .data import LMDataModule
 
 
@@ -188,8 +188,7 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     space = f"{ROUTE_NAMES[low]}/big"
     routes = route_space(L, low, budget)
     budgets = list(range(L + 1)) if budget is None else [budget]
-    run_dir = Path(target) if Path(target).is_dir() else Path(target).parent.parent  # a checkpoint's run dir
-    out = Path(out_dir) if out_dir else run_dir / "oracle"
+    out = Path(out_dir) if out_dir else run_dir_of(target) / "oracle"
     data = LMDataModule(cfg, full_validation=True)
     data.setup()
     windows = [w.to(device) for w in itertools.islice(iter(data.val_dataloader()), batches)]  # [B, T+1] each

@@ -49,17 +49,19 @@ def block_sparse_attention(
     """
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    if kv_blocks.shape[1] == 1 and (q_block_size or block_size) > 1 and not (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v))) and q.device.type != "meta":  # fmt: skip
-        return _shared_selection(q, k, v, kv_blocks, block_size, q_block_size or block_size, causal, token_mask,
-                                 key_mask, scale)  # fmt: skip
-    if H != Hkv:
-        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
     bs, qbs = block_size, q_block_size or block_size
     nqb, nkb = math.ceil(Tq / qbs), math.ceil(Tk / bs)
     Hs, S = kv_blocks.shape[1], kv_blocks.shape[3]
     if kv_blocks.shape[:3] != (B, Hs, nqb) or Hs not in (1, H):
         raise ValueError(f"kv_blocks: expected shape [{B}, 1 or {H}, {nqb}, S], got {list(kv_blocks.shape)}")
+    key_ok = torch.arange(nkb * bs, device=q.device) < Tk
+    key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
+    scale = hd**-0.5 if scale is None else scale
+    if Hs == 1 and qbs > 1 and q.device.type != "meta" and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):  # fmt: skip
+        return _shared_selection(q, k, v, kv_blocks[:, 0], bs, qbs, causal, token_mask, key_ok, scale)
+    if H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
     N = B * H
 
     def blocks(x, n, size):  # [B, T, H, hd] -> [N, n, size, hd], zero-padded to n·size
@@ -71,10 +73,7 @@ def block_sparse_attention(
     if token_mask is not None:
         token_mask = F.pad(token_mask, (0, 0, 0, nqb * qbs - Tq))  # [B, Hs, nqb·qbs, S]
         token_mask = token_mask.view(B, Hs, nqb, qbs, S).expand(B, H, nqb, qbs, S).reshape(N, nqb, qbs, S)
-    key_ok = torch.arange(nkb * bs, device=q.device) < Tk  # [nkb·bs]
-    key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
     key_ok = key_ok.view(B, 1, nkb, bs).expand(B, H, nkb, bs).reshape(N, nkb, bs)
-    scale = hd**-0.5 if scale is None else scale
     if qbs == 1 and q.device.type != "meta":  # per-query selections: group queries by key block (the meta
         # device, used for FLOP counting, cannot run its data-dependent grouping and takes the chunked path)
         ok = slot_ok if token_mask is None else slot_ok & token_mask.view(N, nqb, S)
@@ -90,25 +89,21 @@ def block_sparse_attention(
     return out.view(B, H, nqb * qbs, hd)[:, :, :Tq].transpose(1, 2)
 
 
-def _shared_selection(q, k, v, kv_blocks, bs, qbs, causal, token_mask, key_mask, scale):
-    """Forward only, one selection for all heads: ``inference.shared_selection_attention`` on the same layout."""
+def _shared_selection(q, k, v, idx, bs, qbs, causal, token_mask, key_ok, scale):
+    """Forward only, one selection for all heads (idx [B, nqb, S], key_ok [B, nkb·bs]):
+    ``inference.shared_selection_attention`` on its layout."""
     B, Tq, H, hd = q.shape
-    Tk = k.shape[1]
-    nqb, nkb, S = math.ceil(Tq / qbs), math.ceil(Tk / bs), kv_blocks.shape[3]
-    if kv_blocks.shape[:3] != (B, 1, nqb):
-        raise ValueError(f"kv_blocks: expected shape [{B}, 1 or {H}, {nqb}, S], got {list(kv_blocks.shape)}")
+    nqb, S, nkb = idx.shape[1], idx.shape[2], key_ok.shape[1] // bs
+
     def pad(x, n, size):  # [B, T, h, hd] -> [B, n, size, h, hd]; a view when T = n·size
         x = x if x.shape[1] == n * size else F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1]))
         return x.view(B, n, size, *x.shape[2:])
 
-    idx = kv_blocks[:, 0]
-    key_ok = torch.arange(nkb * bs, device=q.device) < Tk
-    key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
     if token_mask is not None:
         token_mask = F.pad(token_mask[:, 0], (0, 0, 0, nqb * qbs - Tq)).view(B, nqb, qbs, S)
     out = shared_selection_attention(
         pad(q, nqb, qbs), pad(k, nkb, bs), pad(v, nkb, bs), idx.clamp_min(0), idx >= 0, token_mask,
-        key_ok.view(B, nkb, bs), causal, hd**-0.5 if scale is None else scale, max(1, nkb // max(8 * S, 1)),  # ~T/8 keys
+        key_ok.view(B, nkb, bs), causal, scale, max(1, nkb // max(8 * S, 1)),  # gathered keys ~ Tk / 8
     )  # fmt: skip  # [B, nqb, qbs, H, hd]
     return out.view(B, nqb * qbs, H, hd)[:, :Tq]
 
