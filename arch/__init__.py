@@ -26,6 +26,16 @@ def build_model(cfg: Mapping) -> nn.Module:
 
 
 __all__ = [
-    "build_model", "grow", "load_pretrained", "save_pretrained", "ConfigError", "Registry", "LayerContext",
-    "MODELS", "MIXERS", "FFNS", "PROJS", "NORMS",
-]  # fmt: skip
+    "build_model",
+    "grow",
+    "load_pretrained",
+    "save_pretrained",
+    "ConfigError",
+    "Registry",
+    "LayerContext",
+    "MODELS",
+    "MIXERS",
+    "FFNS",
+    "PROJS",
+    "NORMS",
+]

@@ -81,10 +81,15 @@ class BiFormer(nn.Module):
                 raise ConfigError(f"model.{key}: expected 4 values (one per stage), got {c[key]}")
         self.config = c
         d = c["dims"]
-        down = [nn.Sequential(
-            nn.Conv2d(c["in_chans"], d[0] // 2, 3, 2, 1), nn.BatchNorm2d(d[0] // 2), nn.GELU(),
-            nn.Conv2d(d[0] // 2, d[0], 3, 2, 1), nn.BatchNorm2d(d[0]),
-        )]  # fmt: skip
+        down = [
+            nn.Sequential(
+                nn.Conv2d(c["in_chans"], d[0] // 2, 3, 2, 1),
+                nn.BatchNorm2d(d[0] // 2),
+                nn.GELU(),
+                nn.Conv2d(d[0] // 2, d[0], 3, 2, 1),
+                nn.BatchNorm2d(d[0]),
+            )
+        ]
         down += [nn.Sequential(nn.Conv2d(d[i], d[i + 1], 3, 2, 1), nn.BatchNorm2d(d[i + 1])) for i in range(3)]
         self.downsample = nn.ModuleList(down)
         n = sum(c["depths"])

@@ -45,9 +45,15 @@ class BiLevelRoutingAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, *, n_win: int = 7, topk: TopK = 4, head_dim: int = 32,
-        scale: Literal["head_dim", "dim"] = "head_dim", lce_kernel: int = 5,
-    ):  # fmt: skip
+        self,
+        dim: int,
+        *,
+        n_win: int = 7,
+        topk: TopK = 4,
+        head_dim: int = 32,
+        scale: Literal["head_dim", "dim"] = "head_dim",
+        lce_kernel: int = 5,
+    ):
         super().__init__()
         if dim % head_dim:
             raise ConfigError(f"head_dim: {head_dim} does not divide the width {dim}")
@@ -81,8 +87,9 @@ class BiLevelRoutingAttention(nn.Module):
             k_win = kr.detach().view(B, n * n, rh * rw, C).sum(2) / cnt
             sel = (q_win @ k_win.transpose(1, 2)).topk(self.topk, dim=-1).indices[:, None]  # [B, 1, n², topk]
         heads = lambda t: t.view(B, -1, self.n_heads, self.head_dim)  # noqa: E731  [B, T, h, hd]
-        out = block_sparse_attention(heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw,
-                                     key_mask=real, scale=self.scale)  # fmt: skip  # [B, T, h, hd]
+        out = block_sparse_attention(
+            heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw, key_mask=real, scale=self.scale
+        )  # [B, T, h, hd]
         out = out.reshape(B, n, n, rh, rw, C).transpose(2, 3).reshape(B, n * rh, n * rw, C)[:, :H, :W]
         return self.wo(out + lce)
 
@@ -139,9 +146,14 @@ class CausalBRA(CausalSelfAttention):
     the work proportional to top-k on long ones, where a block's union approaches every past region."""
 
     def __init__(
-        self, ctx: LayerContext, *, region_size: int = 64, topk: TopK = 4, attend_first: bool = False,
+        self,
+        ctx: LayerContext,
+        *,
+        region_size: int = 64,
+        topk: TopK = 4,
+        attend_first: bool = False,
         query_block: Optional[int] = None,
-    ):  # fmt: skip
+    ):
         super().__init__(ctx)
         query_block = query_block or region_size
         if region_size < 1 or region_size % query_block:
@@ -152,8 +164,16 @@ class CausalBRA(CausalSelfAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv_blocks, token_mask = causal_routing(q, k, self.region_size, self.topk, self.query_block, self.attend_first)
-        return block_sparse_attention(q, k, v, kv_blocks, block_size=self.region_size, q_block_size=self.query_block,
-                                      causal=True, token_mask=token_mask)  # fmt: skip
+        return block_sparse_attention(
+            q,
+            k,
+            v,
+            kv_blocks,
+            block_size=self.region_size,
+            q_block_size=self.query_block,
+            causal=True,
+            token_mask=token_mask,
+        )
 
     def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:
         raise NotImplementedError("mixer 'bra' has no incremental decoding yet; run the whole sequence instead")

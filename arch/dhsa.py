@@ -93,8 +93,9 @@ class BoundaryPredictor(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def similarity_scores(k: torch.Tensor, window: int, p0: int = 0, p1: Optional[int] = None,
-                      span: int = 2048) -> torch.Tensor:  # fmt: skip
+def similarity_scores(
+    k: torch.Tensor, window: int, p0: int = 0, p1: Optional[int] = None, span: int = 2048
+) -> torch.Tensor:
     """Parameter-free boundary score: −cos(mean of the ``window`` keys before p, mean of the ``window`` keys from
     p on). k: [B, T, C] -> [B, p1 - p0]."""
     k, p1 = k.float(), k.shape[1] if p1 is None else p1
@@ -105,7 +106,9 @@ def similarity_scores(k: torch.Tensor, window: int, p0: int = 0, p1: Optional[in
     return torch.cat(out, dim=1)
 
 
-def nms_starts(scores: torch.Tensor, threshold: float, nms_radius: int, max_chunk: int, offset: int = 0) -> torch.Tensor:
+def nms_starts(
+    scores: torch.Tensor, threshold: float, nms_radius: int, max_chunk: int, offset: int = 0
+) -> torch.Tensor:
     """Chunk starts from boundary scores [B, T] of positions offset.. -> [B, T] bool: a chunk starts at p if its
     score exceeds ``threshold`` and is the maximum within ``nms_radius`` positions on either side, the first of
     equal maxima (1-D non-maximum suppression), and at every multiple of ``max_chunk`` (position 0 included)."""
@@ -145,9 +148,18 @@ def chunk_table(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def select_quota(
-    qrep: torch.Tensor, krep: torch.Tensor, c_start: torch.Tensor, c_end: torch.Tensor, i0: torch.Tensor,
-    i1: torch.Tensor, *, budget: int, n_init: int, n_recent: int, lookahead: Optional[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    qrep: torch.Tensor,
+    krep: torch.Tensor,
+    c_start: torch.Tensor,
+    c_end: torch.Tensor,
+    i0: torch.Tensor,
+    i1: torch.Tensor,
+    *,
+    budget: int,
+    n_init: int,
+    n_recent: int,
+    lookahead: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The selection of each query block [i0, i1): how many key tokens each chunk contributes.
 
     qrep [B, nb, D] block query representations; krep [B, nC, D] chunk key representations K_c with chunks
@@ -183,9 +195,14 @@ def forced_count(rstart: torch.Tensor, i0: torch.Tensor, n_init: int) -> torch.T
 
 
 def selected_keys(
-    quota: torch.Tensor, top: torch.Tensor, rstart: torch.Tensor, cid: torch.Tensor, i0: torch.Tensor,
-    i1: torch.Tensor, n_init: int,
-) -> torch.Tensor:  # fmt: skip
+    quota: torch.Tensor,
+    top: torch.Tensor,
+    rstart: torch.Tensor,
+    cid: torch.Tensor,
+    i0: torch.Tensor,
+    i1: torch.Tensor,
+    n_init: int,
+) -> torch.Tensor:
     """The key positions each query block sees, ascending, -1 padded: LongTensor [B, nb, S].
 
     quota, top [B, nb, nC], rstart [B, nb] from ``select_quota``; cid [B, T] chunk of each key; blocks
@@ -209,24 +226,43 @@ class DHSA(CausalSelfAttention):
     mixer, so it can replace it in a trained model (``model.mixer.type=dhsa``). ``budget`` >= the context length
     is exactly dense causal attention, in both modes.
 
-    budget: key tokens before each query block (forced + selected; the block itself is always seen). chunker: ``similarity`` (parameter-free),
-    ``learned`` (``BoundaryPredictor``; weights from ``predictor``, a file written by
-    ``python -m train dhsa-boundaries``, or from the checkpoint) or ``fixed`` (``chunk_size`` tokens).
+    budget: key tokens before each query block (forced + selected; the block itself is always seen).
+    chunker: ``similarity`` (parameter-free), ``learned`` (``BoundaryPredictor``; weights from ``predictor``,
+    a file written by ``python -m train dhsa-boundaries``, or from the checkpoint) or ``fixed`` (``chunk_size`` tokens).
     threshold: boundary score threshold (default: 1.1 on the learned logit as in the authors' code; −inf for
     ``similarity``, whose boundaries are the local maxima). mode: ``causal`` or ``prefill`` (inference only).
     """
 
     def __init__(
-        self, ctx: LayerContext, *, budget: int = 2048, chunker: Chunker = "similarity", mode: Mode = "causal",
-        query_block: int = 64, n_init: int = 128, n_recent: int = 128, chunk_size: int = 16, max_chunk: int = 64,
-        window: int = 4, nms_radius: int = 8, threshold: Optional[float] = None, predictor: Optional[str] = None,
+        self,
+        ctx: LayerContext,
+        *,
+        budget: int = 2048,
+        chunker: Chunker = "similarity",
+        mode: Mode = "causal",
+        query_block: int = 64,
+        n_init: int = 128,
+        n_recent: int = 128,
+        chunk_size: int = 16,
+        max_chunk: int = 64,
+        window: int = 4,
+        nms_radius: int = 8,
+        threshold: Optional[float] = None,
+        predictor: Optional[str] = None,
         predictor_hidden: int = 256,
-    ):  # fmt: skip
+    ):
         super().__init__(ctx)
-        for name, value, least in (("budget", budget, 1), ("query_block", query_block, 1), ("n_init", n_init, 0),
-                                   ("n_recent", n_recent, 0), ("chunk_size", chunk_size, 1),
-                                   ("max_chunk", max_chunk, 1), ("window", window, 1), ("nms_radius", nms_radius, 0),
-                                   ("predictor_hidden", predictor_hidden, 1)):  # fmt: skip
+        for name, value, least in (
+            ("budget", budget, 1),
+            ("query_block", query_block, 1),
+            ("n_init", n_init, 0),
+            ("n_recent", n_recent, 0),
+            ("chunk_size", chunk_size, 1),
+            ("max_chunk", max_chunk, 1),
+            ("window", window, 1),
+            ("nms_radius", nms_radius, 0),
+            ("predictor_hidden", predictor_hidden, 1),
+        ):
             if value < least:
                 raise ConfigError(f"mixer.{name}: must be >= {least}, got {value}")
         if predictor is not None and chunker != "learned":
@@ -294,8 +330,18 @@ class DHSA(CausalSelfAttention):
         out, group = [], max(1, SELECT_ELEMENTS // T)  # query blocks at a time: [B, group, T] temporaries
         for g0 in range(0, nb, group):
             g = slice(g0, min(g0 + group, nb))
-            quota, top, rstart = select_quota(qrep[:, g], krep, c_start, c_end, i0[g], i1[g], budget=self.budget,
-                                              n_init=self.n_init, n_recent=self.n_recent, lookahead=lookahead)  # fmt: skip
+            quota, top, rstart = select_quota(
+                qrep[:, g],
+                krep,
+                c_start,
+                c_end,
+                i0[g],
+                i1[g],
+                budget=self.budget,
+                n_init=self.n_init,
+                n_recent=self.n_recent,
+                lookahead=lookahead,
+            )
             out.append(selected_keys(quota, top, rstart, cid, i0[g], i1[g], self.n_init))
         S = max(o.shape[-1] for o in out)
         return torch.cat([F.pad(o, (0, S - o.shape[-1]), value=-1) for o in out], dim=1)
@@ -311,7 +357,9 @@ class DHSA(CausalSelfAttention):
         B, t = q.shape[0], k_all.shape[1] - 1
         if t == 0:  # prefix sums of the head-mean queries and keys, boundary scores, closed chunks
             zero = q.new_zeros(B, 1, q.shape[-1], dtype=torch.float64)
-            cache.update(Pq=zero, Pk=zero, scores=q.new_zeros(B, 0), chunk_start=[0], krep=q.new_zeros(B, 0, q.shape[-1]))
+            cache.update(
+                Pq=zero, Pk=zero, scores=q.new_zeros(B, 0), chunk_start=[0], krep=q.new_zeros(B, 0, q.shape[-1])
+            )
         for name, x in (("Pq", q), ("Pk", k_all[:, -1:])):  # the same sums as prefix_sums() on the whole sequence
             cache[name] = torch.cat([cache[name], cache[name][:, -1:] + x.float().mean(2).double()], dim=1)
         self._decide_boundaries(k_all.flatten(2), t, cache)
@@ -338,8 +386,10 @@ class DHSA(CausalSelfAttention):
             lo = max(p - r, 0)  # the scores of p-r .. p+r are known: cache["scores"] is [B, p + r + 1]
             start_b = nms_starts(cache["scores"][:, lo:], self.threshold, r, self.max_chunk, offset=lo)[:, p - lo]
             if not (bool(start_b.all()) or not bool(start_b.any())):
-                raise NotImplementedError("DHSA decoding keeps one chunk table per batch: decode one sequence at "
-                                          "a time (batch size 1) or use chunker 'fixed'")  # fmt: skip
+                raise NotImplementedError(
+                    "DHSA decoding keeps one chunk table per batch: decode one sequence at "
+                    "a time (batch size 1) or use chunker 'fixed'"
+                )
             start = bool(start_b[0])
         if start:
             s0 = cache["chunk_start"][-1]
@@ -361,8 +411,18 @@ class DHSA(CausalSelfAttention):
         qrep = chunk_reps(cache["Pq"], span(lo), span(i0 + 1))  # [B, 1, hd]
         i1 = torch.tensor([i0 + self.query_block], device=dev)
         i0 = torch.tensor([i0], device=dev)
-        quota, top, rstart = select_quota(qrep, krep, c_start, c_end, i0, i1, budget=self.budget,
-                                          n_init=self.n_init, n_recent=self.n_recent, lookahead=0)  # fmt: skip
+        quota, top, rstart = select_quota(
+            qrep,
+            krep,
+            c_start,
+            c_end,
+            i0,
+            i1,
+            budget=self.budget,
+            n_init=self.n_init,
+            n_recent=self.n_recent,
+            lookahead=0,
+        )
         # the chunk of each key up to the block end; keys after the closed chunks are forced or unseen, so any id
         cid = torch.bucketize(torch.arange(int(i1), device=dev), bounds[1:], right=True).clamp_max(len(bounds) - 2)
         return selected_keys(quota, top, rstart, cid.expand(B, -1), i0, i1, self.n_init)[:, 0]
@@ -395,4 +455,4 @@ def load_predictor(module: BoundaryPredictor, path: str | Path, layer: int) -> N
             raise ConfigError(f"mixer.predictor: {path} has no predictor for layer {layer}; it has layers {layers}")
         if module.norm.weight.is_meta:  # config validation builds the model on the meta device: file checked, done
             return
-        module.load_state_dict({n[len(prefix):]: f.get_tensor(n) for n in names})
+        module.load_state_dict({n[len(prefix) :]: f.get_tensor(n) for n in names})

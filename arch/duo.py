@@ -63,11 +63,14 @@ class DuoFFN(nn.Module):
         if small_ratio < 1 or d_ff % small_ratio:
             raise ConfigError(f"{where}.small_ratio: {small_ratio} must be >= 1 and divide d_ff={d_ff}")
         if not (0.0 <= p_big and 0.0 <= p_skip and p_big + p_skip <= 1.0):
-            raise ConfigError(f"{where}.p_big, p_skip: need p_big >= 0, p_skip >= 0, p_big + p_skip <= 1; "
-                              f"got {p_big}, {p_skip}")  # fmt: skip
+            raise ConfigError(
+                f"{where}.p_big, p_skip: need p_big >= 0, p_skip >= 0, p_big + p_skip <= 1; got {p_big}, {p_skip}"
+            )
         if routing == "fixed" and (fixed_routes is None or len(fixed_routes) != ctx.n_layers):
-            raise ConfigError(f"{where}.fixed_routes: routing 'fixed' needs one route per layer "
-                              f"({ctx.n_layers} of skip | small | big), got {fixed_routes!r}")  # fmt: skip
+            raise ConfigError(
+                f"{where}.fixed_routes: routing 'fixed' needs one route per layer "
+                f"({ctx.n_layers} of skip | small | big), got {fixed_routes!r}"
+            )
         if routing != "fixed" and fixed_routes is not None:
             raise ConfigError(f"{where}.fixed_routes: only used with routing 'fixed' (routing is {routing!r})")
         self.routing, self.p_big_random, self.p_skip_random, self.router_skip = routing, p_big, p_skip, router_skip

@@ -31,10 +31,14 @@ def grow(model: nn.Module, scale: Optional[float] = 2.0, slots: Optional[dict] =
     if slots is None and (scale is None or scale < 1):
         raise ConfigError(f"grow: scale must be >= 1 (got {scale}); or pass slots={{'qkv': n, 'proj': n, 'ffn': n}}")
     if slots is not None and set(slots) - set(ROLE_KEYS):
-        raise ConfigError(f"grow: slots: unknown roles {sorted(set(slots) - set(ROLE_KEYS))}; allowed: {', '.join(ROLE_KEYS)}")
+        raise ConfigError(
+            f"grow: slots: unknown roles {sorted(set(slots) - set(ROLE_KEYS))}; allowed: {', '.join(ROLE_KEYS)}"
+        )
     pattentions = [m for m in model.modules() if isinstance(m, Pattention)]
     if not pattentions:
-        raise ConfigError("grow: this model has no Pattention to grow (use proj: pattention and/or ffn: {type: pattention})")
+        raise ConfigError(
+            "grow: this model has no Pattention to grow (use proj: pattention and/or ffn: {type: pattention})"
+        )
 
     def new_count(role: str, n: int) -> int:
         if slots is not None:
@@ -47,7 +51,11 @@ def grow(model: nn.Module, scale: Optional[float] = 2.0, slots: Optional[dict] =
     for role, (block, key) in ROLE_KEYS.items():
         for spec in specs:
             s = spec.get(block)
-            if s is not None and s.get("type", model.config[block]["type"]) == "pattention" and (key in s or spec is cfg):
+            if (
+                s is not None
+                and s.get("type", model.config[block]["type"]) == "pattention"
+                and (key in s or spec is cfg)
+            ):
                 s[key] = new_count(role, s.get(key) or _default_tokens(role, d))
 
     grown = copy.deepcopy(model)

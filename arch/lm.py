@@ -54,11 +54,18 @@ class CausalLM(nn.Module):
         blocks = []
         for i, spec in enumerate(self.per_layer):
             ctx = LayerContext(
-                d_model=c["d_model"], n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"],
-                max_seq_len=c["max_seq_len"], n_layers=c["n_layers"], layer_idx=i, proj=spec["proj"],
-                norm=c["norm"], rope_theta=c["rope_theta"], rope_fraction=c["rope_fraction"],
+                d_model=c["d_model"],
+                n_heads=c["n_heads"],
+                n_kv_heads=c["n_kv_heads"],
+                max_seq_len=c["max_seq_len"],
+                n_layers=c["n_layers"],
+                layer_idx=i,
+                proj=spec["proj"],
+                norm=c["norm"],
+                rope_theta=c["rope_theta"],
+                rope_fraction=c["rope_fraction"],
                 init_std=c["init_std"],
-            )  # fmt: skip
+            )
             blocks.append(Block(ctx, MIXERS.create(spec["mixer"], ctx), FFNS.create(spec["ffn"], ctx)))
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = NORMS.create(c["final_norm"], c["d_model"])

@@ -85,9 +85,15 @@ class PattentionProj(Pattention):
     Slot counts per role; default d_model (the paper's Pile models)."""
 
     def __init__(
-        self, ctx: LayerContext, d_in: int, d_out: int, role: str, *,
-        qkv_tokens: Optional[int] = None, proj_tokens: Optional[int] = None,
-    ):  # fmt: skip
+        self,
+        ctx: LayerContext,
+        d_in: int,
+        d_out: int,
+        role: str,
+        *,
+        qkv_tokens: Optional[int] = None,
+        proj_tokens: Optional[int] = None,
+    ):
         n = {"qkv": qkv_tokens, "proj": proj_tokens}[role] or ctx.d_model
         super().__init__(d_in, d_out, n, value_std=wang_std(ctx), key_std=ctx.init_std)
         self.role = role
@@ -98,5 +104,7 @@ class PattentionFFN(Pattention):
     """``ffn: {type: pattention}``: the whole FFN is one Pattention, no extra activation (default 4·d_model tokens)."""
 
     def __init__(self, ctx: LayerContext, *, n_tokens: Optional[int] = None):
-        super().__init__(ctx.d_model, ctx.d_model, n_tokens or 4 * ctx.d_model, value_std=wang_std(ctx), key_std=ctx.init_std)
+        super().__init__(
+            ctx.d_model, ctx.d_model, n_tokens or 4 * ctx.d_model, value_std=wang_std(ctx), key_std=ctx.init_std
+        )
         self.role = "ffn"

@@ -19,8 +19,8 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Union
 
 
 class ConfigError(ValueError):

@@ -17,12 +17,22 @@ CONFIGS = ROOT / "configs"
 def micro_overrides(tmp_path: Path, cache_dir: Path, **extra) -> list[str]:
     """A model and run small enough for a test: 2 layers, d 32, T 32, batch 4."""
     base = {
-        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.max_seq_len": 32,
-        "data.batch_size": 4, "data.val_batches": 2, "data.cache_dir": str(cache_dir),
-        "trainer.max_steps": 6, "trainer.log_every": 1, "trainer.val_every": 3, "trainer.ckpt_every": 3,
-        "trainer.out_dir": str(tmp_path / "runs"), "trainer.progress_bar": False, "trainer.sample_tokens": 0,
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.max_seq_len": 32,
+        "data.batch_size": 4,
+        "data.val_batches": 2,
+        "data.cache_dir": str(cache_dir),
+        "trainer.max_steps": 6,
+        "trainer.log_every": 1,
+        "trainer.val_every": 3,
+        "trainer.ckpt_every": 3,
+        "trainer.out_dir": str(tmp_path / "runs"),
+        "trainer.progress_bar": False,
+        "trainer.sample_tokens": 0,
         "optim.warmup_steps": 2,
-    }  # fmt: skip
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

@@ -93,8 +93,14 @@ def bare_loop(cfg: dict, data: LMDataModule, device: torch.device, steps: int, w
     model = torch.compile(module.model) if cfg["trainer"]["compile"] else module.model
     opt, sched = build_optimizer(module.model, cfg)
     accum, clip = cfg["trainer"]["accumulate_grad_batches"], cfg["optim"]["grad_clip"]
-    ds = TrainWindows(data.splits["train"]["tokens"], cfg["data"]["seq_len"], cfg["data"]["batch_size"],
-                      cfg["seed"], 0, (warmup + steps) * accum)  # fmt: skip
+    ds = TrainWindows(
+        data.splits["train"]["tokens"],
+        cfg["data"]["seq_len"],
+        cfg["data"]["batch_size"],
+        cfg["seed"],
+        0,
+        (warmup + steps) * accum,
+    )
     bf16 = cfg["trainer"]["precision"] == "bf16-mixed"
     t0 = None
     for step in range(warmup + steps):
@@ -118,8 +124,7 @@ def lightning_loop(cfg: dict, data: LMDataModule, steps: int, warmup: int) -> fl
     from .fit import build_trainer
 
     L.seed_everything(cfg["seed"], verbose=False)
-    cfg = {**cfg, "trainer": {**cfg["trainer"], "max_steps": warmup + steps, "val_every": 10**9,
-                              "ckpt_every": 10**9}}  # fmt: skip
+    cfg = {**cfg, "trainer": {**cfg["trainer"], "max_steps": warmup + steps, "val_every": 10**9, "ckpt_every": 10**9}}
     data.cfg = cfg
     module = LMModule(cfg, data.bytes_per_token)
     timer = StepTimer(warmup)
@@ -140,23 +145,35 @@ def bench(config_path: str, overrides=(), steps: int = 40, warmup: int = 5) -> d
     flops_per_token = 3 * forward_flops_per_token(cfg["model"], cfg["data"]["seq_len"])
     dtype = torch.bfloat16 if "bf16" in cfg["trainer"]["precision"] else torch.float32
     peak_rate = matmul_rate(device, dtype)
-    print(f"bench {cfg['name']} on {device}: {steps} timed steps after {warmup} warm-up steps, "
-          f"{tokens_per_step} tokens/step, {flops_per_token / 1e6:.1f} MFLOP/token (fwd+bwd)")  # fmt: skip
+    print(
+        f"bench {cfg['name']} on {device}: {steps} timed steps after {warmup} warm-up steps, "
+        f"{tokens_per_step} tokens/step, {flops_per_token / 1e6:.1f} MFLOP/token (fwd+bwd)"
+    )
     rows = {}
-    for name, run in (("bare PyTorch", lambda: bare_loop(cfg, data, device, steps, warmup)),
-                      ("Lightning", lambda: lightning_loop(cfg, data, steps, warmup))):  # fmt: skip
+    for name, run in (
+        ("bare PyTorch", lambda: bare_loop(cfg, data, device, steps, warmup)),
+        ("Lightning", lambda: lightning_loop(cfg, data, steps, warmup)),
+    ):
         with PeakMemory(device) as mem:
             seconds = run()
         tps = steps * tokens_per_step / seconds
-        rows[name] = {"tokens_per_s": tps, "step_ms": 1e3 * seconds / steps, "mfu": tps * flops_per_token / peak_rate,
-                      "peak_mib": mem.peak / 2**20}  # fmt: skip
+        rows[name] = {
+            "tokens_per_s": tps,
+            "step_ms": 1e3 * seconds / steps,
+            "mfu": tps * flops_per_token / peak_rate,
+            "peak_mib": mem.peak / 2**20,
+        }
     mem_label = "peak alloc (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
     print(f"\n| loop         | tokens/s | step time (ms) |  MFU   | {mem_label} |")
     print("|--------------|---------:|---------------:|-------:|" + "-" * (len(mem_label) + 1) + ":|")
     for name, r in rows.items():
-        print(f"| {name:<12} | {r['tokens_per_s']:8.0f} | {r['step_ms']:14.1f} | {100 * r['mfu']:5.1f}% | "
-              f"{r['peak_mib']:{len(mem_label)}.0f} |")  # fmt: skip
+        print(
+            f"| {name:<12} | {r['tokens_per_s']:8.0f} | {r['step_ms']:14.1f} | {100 * r['mfu']:5.1f}% | "
+            f"{r['peak_mib']:{len(mem_label)}.0f} |"
+        )
     ratio = rows["Lightning"]["tokens_per_s"] / rows["bare PyTorch"]["tokens_per_s"]
-    print(f"\nLightning / bare tokens/s = {ratio:.3f}  (matmul rate measured here: {peak_rate / 1e9:.1f} GFLOP/s "
-          f"{str(dtype).removeprefix('torch.')}; MFU counts matmul FLOPs, attention as the full TxT product)")  # fmt: skip
+    print(
+        f"\nLightning / bare tokens/s = {ratio:.3f}  (matmul rate measured here: {peak_rate / 1e9:.1f} GFLOP/s "
+        f"{str(dtype).removeprefix('torch.')}; MFU counts matmul FLOPs, attention as the full TxT product)"
+    )
     return {"rows": rows, "ratio": ratio, "matmul_flops": peak_rate}

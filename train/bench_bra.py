@@ -41,8 +41,9 @@ def _inputs_2d(batch: int, device: str):
     return (q, k, v), sel, block
 
 
-def _run_cell(kind: str, impl: str, mode: str, size: int, reps: int, device: str, region: int, topk: int,
-              query_block: int) -> dict:  # fmt: skip
+def _run_cell(
+    kind: str, impl: str, mode: str, size: int, reps: int, device: str, region: int, topk: int, query_block: int
+) -> dict:
     from arch.attention import causal_attention
     from arch.bra import causal_routing
     from kernels.block_sparse import block_sparse_attention
@@ -60,8 +61,9 @@ def _run_cell(kind: str, impl: str, mode: str, size: int, reps: int, device: str
 
         def bra():
             kv_blocks, token_mask = causal_routing(q, k, region, topk, query_block, attend_first=False)
-            return block_sparse_attention(q, k, v, kv_blocks, block_size=region, q_block_size=query_block,
-                                          causal=True, token_mask=token_mask)  # fmt: skip
+            return block_sparse_attention(
+                q, k, v, kv_blocks, block_size=region, q_block_size=query_block, causal=True, token_mask=token_mask
+            )
 
         fn = {"causal BRA": bra, "dense SDPA": lambda: causal_attention(q, k, v, "sdpa")}[impl]
 
@@ -106,8 +108,10 @@ def _fresh_process_cell(*args, threads: int = 0, runner: str = "train.bench_bra:
     64 KiB is its own mmap (``MALLOC_MMAP_THRESHOLD_``), returned to the system when freed, so that RSS follows
     live memory."""
     module, fn = runner.split(":")
-    code = (f"import json, torch; torch.set_num_threads({threads} or torch.get_num_threads()); "
-            f"from {module} import {fn}; print(json.dumps({fn}(*{args!r})))")  # fmt: skip
+    code = (
+        f"import json, torch; torch.set_num_threads({threads} or torch.get_num_threads()); "
+        f"from {module} import {fn}; print(json.dumps({fn}(*{args!r})))"
+    )
     results = []
     for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
@@ -117,13 +121,22 @@ def _fresh_process_cell(*args, threads: int = 0, runner: str = "train.bench_bra:
     return {**results[0], "peak_mib": results[1]["peak_mib"]}
 
 
-def bench_bra(batch: int = 64, lengths=(4096, 8192, 16384), reps: int = 3, region: int = 64, topk: int = 4,
-              query_block: int = 1, threads: int = 0) -> dict:  # fmt: skip
+def bench_bra(
+    batch: int = 64,
+    lengths=(4096, 8192, 16384),
+    reps: int = 3,
+    region: int = 64,
+    topk: int = 4,
+    query_block: int = 1,
+    threads: int = 0,
+) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mem = "peak alloc" if device == "cuda" else "peak RSS"
     _cell = functools.partial(_fresh_process_cell, threads=threads)
-    print(f"bench-bra on {device} ({threads or torch.get_num_threads()} threads); memory = {mem} above the inputs, "
-          f"time = median of {reps}\n")
+    print(
+        f"bench-bra on {device} ({threads or torch.get_num_threads()} threads); memory = {mem} above the inputs, "
+        f"time = median of {reps}\n"
+    )
     r2 = {}
     if batch:
         print(f"## 2-D BRA, BiFormer-S stage 3 (B={batch}, 14x14 tokens, dim 256, 8 heads, 7x7 regions, top-16)\n")
@@ -132,27 +145,44 @@ def bench_bra(batch: int = 64, lengths=(4096, 8192, 16384), reps: int = 3, regio
         for impl in ("gather reference", "block-sparse core"):
             f, fb = (_cell("2d", impl, m, batch, reps, device, 0, 0, 0) for m in ("fwd", "fwd+bwd"))
             r2[impl] = {"fwd_ms": f["ms"], "fb_ms": fb["ms"], "peak_mib": fb["peak_mib"]}
-            print(f"| {impl} | {f['ms']:.0f} | {fb['ms']:.0f} | {fb['peak_mib']:.0f} | {fb['kv_mib']:.0f} |", flush=True)
+            print(
+                f"| {impl} | {f['ms']:.0f} | {fb['ms']:.0f} | {fb['peak_mib']:.0f} | {fb['kv_mib']:.0f} |", flush=True
+            )
         core, ref = r2["block-sparse core"], r2["gather reference"]
-        print(f"\ncore / gather: peak memory {core['peak_mib'] / ref['peak_mib']:.3f}, fwd+bwd time "
-              f"{core['fb_ms'] / ref['fb_ms']:.2f}, fwd time {core['fwd_ms'] / ref['fwd_ms']:.2f}\n")
+        print(
+            f"\ncore / gather: peak memory {core['peak_mib'] / ref['peak_mib']:.3f}, fwd+bwd time "
+            f"{core['fb_ms'] / ref['fb_ms']:.2f}, fwd time {core['fwd_ms'] / ref['fwd_ms']:.2f}\n"
+        )
     if lengths:
-        print(f"## 1-D causal BRA (region {region}, top-{topk} + own region, query blocks of {query_block}) "
-              "vs dense causal SDPA, B=1, 4 heads x 64\n")
-        print(f"| T | fwd ms BRA / SDPA | fwd+bwd ms BRA / SDPA | fwd+bwd {mem} MiB BRA / SDPA | "
-              "time ratio fwd / fwd+bwd | memory ratio |")
+        print(
+            f"## 1-D causal BRA (region {region}, top-{topk} + own region, query blocks of {query_block}) "
+            "vs dense causal SDPA, B=1, 4 heads x 64\n"
+        )
+        print(
+            f"| T | fwd ms BRA / SDPA | fwd+bwd ms BRA / SDPA | fwd+bwd {mem} MiB BRA / SDPA | "
+            "time ratio fwd / fwd+bwd | memory ratio |"
+        )
         print("|---:|---:|---:|---:|---:|---:|")
     r1 = {}
     for T in lengths:
-        c = {(impl, m): _cell("1d", impl, m, T, reps, device, region, topk, query_block)
-             for impl in ("causal BRA", "dense SDPA") for m in ("fwd", "fwd+bwd")}  # fmt: skip
+        c = {
+            (impl, m): _cell("1d", impl, m, T, reps, device, region, topk, query_block)
+            for impl in ("causal BRA", "dense SDPA")
+            for m in ("fwd", "fwd+bwd")
+        }
         b, d = "causal BRA", "dense SDPA"
-        row = {"fwd": c[b, "fwd"]["ms"] / c[d, "fwd"]["ms"], "fb": c[b, "fwd+bwd"]["ms"] / c[d, "fwd+bwd"]["ms"],
-               "mem": c[b, "fwd+bwd"]["peak_mib"] / max(c[d, "fwd+bwd"]["peak_mib"], 1e-9)}  # fmt: skip
+        row = {
+            "fwd": c[b, "fwd"]["ms"] / c[d, "fwd"]["ms"],
+            "fb": c[b, "fwd+bwd"]["ms"] / c[d, "fwd+bwd"]["ms"],
+            "mem": c[b, "fwd+bwd"]["peak_mib"] / max(c[d, "fwd+bwd"]["peak_mib"], 1e-9),
+        }
         r1[T] = {"cells": c, **row}
-        print(f"| {T} | {c[b, 'fwd']['ms']:.0f} / {c[d, 'fwd']['ms']:.0f} | {c[b, 'fwd+bwd']['ms']:.0f} / "
-              f"{c[d, 'fwd+bwd']['ms']:.0f} | {c[b, 'fwd+bwd']['peak_mib']:.0f} / {c[d, 'fwd+bwd']['peak_mib']:.0f} | "
-              f"{row['fwd']:.2f} / {row['fb']:.2f} | {row['mem']:.2f} |", flush=True)  # fmt: skip
+        print(
+            f"| {T} | {c[b, 'fwd']['ms']:.0f} / {c[d, 'fwd']['ms']:.0f} | {c[b, 'fwd+bwd']['ms']:.0f} / "
+            f"{c[d, 'fwd+bwd']['ms']:.0f} | {c[b, 'fwd+bwd']['peak_mib']:.0f} / {c[d, 'fwd+bwd']['peak_mib']:.0f} | "
+            f"{row['fwd']:.2f} / {row['fb']:.2f} | {row['mem']:.2f} |",
+            flush=True,
+        )
     return {"2d": r2, "1d": r1}
 
 
@@ -176,7 +206,9 @@ def lm_step_times(config_paths: list[str], steps: int = 8) -> dict:
         model = build_model(cfg["model"])
         runs.append((model, build_optimizer(model, cfg)[0], []))
     c = cfgs[0]
-    ds = TrainWindows(data.splits["train"]["tokens"], c["data"]["seq_len"], c["data"]["batch_size"], c["seed"], 0, steps + 1)
+    ds = TrainWindows(
+        data.splits["train"]["tokens"], c["data"]["seq_len"], c["data"]["batch_size"], c["seed"], 0, steps + 1
+    )
     for step in range(steps + 1):  # step 0: warm-up, untimed
         for model, opt, times in runs:
             t0 = time.perf_counter()
@@ -187,8 +219,10 @@ def lm_step_times(config_paths: list[str], steps: int = 8) -> dict:
                 times.append(time.perf_counter() - t0)
     base = statistics.median(runs[0][2])
     budget = c["trainer"]["max_steps"]
-    print(f"\n## LM training step time, interleaved, median of {steps} steps (batch {c['data']['batch_size']}x"
-          f"{c['data']['seq_len']})\n")
+    print(
+        f"\n## LM training step time, interleaved, median of {steps} steps (batch {c['data']['batch_size']}x"
+        f"{c['data']['seq_len']})\n"
+    )
     print(f"| config | step ms | ratio | steps in {config_paths[0]}'s budget ({budget} steps) |")
     print("|---|---:|---:|---:|")
     out = {}

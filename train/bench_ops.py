@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -63,8 +63,10 @@ def bench_pattention(device: torch.device, dtype: torch.dtype, reps: int) -> Non
     d = 1024 if device.type == "cuda" else 256
     tokens_list = [8192, 32768] if device.type == "cuda" else [1024, 4096]
     ns = [1024, 4096, 16384] if device.type == "cuda" else [256, 1024, 4096]
-    print(f"Pattention FFN vs GELU MLP of the same parameter count (d_model {d}, {device}, {str(dtype)[6:]}), "
-          f"forward+backward, median of {reps}")  # fmt: skip
+    print(
+        f"Pattention FFN vs GELU MLP of the same parameter count (d_model {d}, {device}, {str(dtype)[6:]}), "
+        f"forward+backward, median of {reps}"
+    )
     print("| tokens | n = d_ff | pattention ms | mlp ms | time ratio | pattention act MiB | mlp act MiB | mem ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tokens in tokens_list:
@@ -75,10 +77,12 @@ def bench_pattention(device: torch.device, dtype: torch.dtype, reps: int) -> Non
             x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
             t_p, _ = time_fwd_bwd(pat, x, reps)
             t_m, _ = time_fwd_bwd(mlp, x, reps)
-            m_p = saved_bytes(lambda: pat(x)) / 2**20
-            m_m = saved_bytes(lambda: mlp(x)) / 2**20
-            print(f"| {tokens} | {n} | {1e3 * t_p:.2f} | {1e3 * t_m:.2f} | {t_p / t_m:.2f} | {m_p:.1f} | {m_m:.1f} | "
-                  f"{m_p / m_m:.2f} |")  # fmt: skip
+            m_p = saved_bytes(lambda pat=pat, x=x: pat(x)) / 2**20
+            m_m = saved_bytes(lambda mlp=mlp, x=x: mlp(x)) / 2**20
+            print(
+                f"| {tokens} | {n} | {1e3 * t_p:.2f} | {1e3 * t_m:.2f} | {t_p / t_m:.2f} | {m_p:.1f} | {m_m:.1f} | "
+                f"{m_p / m_m:.2f} |"
+            )
 
 
 BENCHMARKS = {"pattention": bench_pattention}

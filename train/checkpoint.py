@@ -136,11 +136,13 @@ def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "c
         raise CheckpointError(f"{target}: checkpoint has no saved config (hyper_parameters.config)") from None
     cfg = load_config(None, overrides, base=saved)
     model = build_model(cfg["model"])
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{target}: weights do not fit the model of its config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{target}: weights do not fit the model of its config: {str(e).splitlines()[0]}"
+        ) from None
     return cfg, model.to(map_location).eval()
 
 

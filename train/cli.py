@@ -9,7 +9,8 @@ needle, dhsa-boundaries.
     python -m train bench configs/gpt-tiny.yaml [--steps N]
     python -m train oracle <checkpoint | run dir> [--budget K | --all-budgets] [--with-skip] [--batches N]
     python -m train bench-dhsa [--lengths 4096 8192 16384 32768] [--budget 1024]
-    python -m train bench-bra [--batch 64] [--lengths 4096 8192 16384] [--lm configs/gpt-tiny.yaml configs/bra-tiny.yaml]
+    python -m train bench-bra [--batch 64] [--lengths 4096 8192 16384]
+        [--lm configs/gpt-tiny.yaml configs/bra-tiny.yaml]
     python -m train needle <checkpoint | run dir> [dotted.key=value ...] [--variants dense dhsa fixed] [--budget B]
         [--mixer key=value ...] [--lengths 256 512 1024 2048] [--depths 0 0.25 0.5 0.75 1] [--trials 10] [--out DIR]
     python -m train dhsa-boundaries <checkpoint | run dir | model dir> [--batches 32] [--steps 300] [--out FILE]
@@ -42,16 +43,21 @@ def _alpha(text: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="pretrain a model from a config")
     _add_target(p, "config YAML")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (or run dir: its newest checkpoint)")
-    p.add_argument("--init-from", metavar="PATH",
-                   help="start from the weights of a checkpoint, run dir or exported/grown model dir with a fresh "
-                        "optimizer and schedule: into this config's model if they fit it exactly, else into "
-                        "PATH's own model (e.g. a grown TokenFormer)")  # fmt: skip
+    p.add_argument(
+        "--init-from",
+        metavar="PATH",
+        help="start from the weights of a checkpoint, run dir or exported/grown model dir with a fresh "
+        "optimizer and schedule: into this config's model if they fit it exactly, else into "
+        "PATH's own model (e.g. a grown TokenFormer)",
+    )
 
     p = sub.add_parser("grow", help="TokenFormer growth: append parameter tokens to every Pattention")
     p.add_argument("target", help="checkpoint file, run directory, or exported model directory")
@@ -89,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/oracle)")
     p.add_argument("--chunk", type=int, default=16, help="route prefixes per batched module call")
 
-    p = sub.add_parser("bench-bra", help="bi-level routing attention vs the gather reference (2-D) and dense SDPA (1-D)")
+    p = sub.add_parser(
+        "bench-bra", help="bi-level routing attention vs the gather reference (2-D) and dense SDPA (1-D)"
+    )
     p.add_argument("--batch", type=int, default=64, help="2-D batch (BiFormer-S stage 3)")
     p.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384], help="1-D sequence lengths")
     p.add_argument("--reps", type=int, default=3, help="timed runs per cell")
@@ -97,11 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=4, help="1-D routed past regions per query")
     p.add_argument("--query-block", type=int, default=1, help="1-D queries per block of the sparse core (1: per query)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")
-    p.add_argument("--lm", nargs="*", default=[], metavar="CONFIG",
-                   help="also time training steps of these LM configs, interleaved (first = budget reference)")
+    p.add_argument(
+        "--lm",
+        nargs="*",
+        default=[],
+        metavar="CONFIG",
+        help="also time training steps of these LM configs, interleaved (first = budget reference)",
+    )
     p.add_argument("--lm-steps", type=int, default=8)
 
-    p = sub.add_parser("bench-dhsa", help="DHSA prefill latency and peak memory vs dense (SDPA, eager) and fixed block-sparse")
+    p = sub.add_parser(
+        "bench-dhsa", help="DHSA prefill latency and peak memory vs dense (SDPA, eager) and fixed block-sparse"
+    )
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="prompt lengths")
     p.add_argument("--budget", type=int, default=1024, help="DHSA / block-sparse keys per query block")
     p.add_argument("--reps", type=int, default=2, help="timed runs per cell")
@@ -113,29 +128,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")
     p.add_argument("--eager-max-gib", type=float, default=6.0, help="skip dense eager when its T×T scores exceed this")
 
-    p = sub.add_parser("needle", help="long context: passkey retrieval grid and perplexity vs context length, "
-                                      "dense vs sparse attention variants of the same weights")  # fmt: skip
+    p = sub.add_parser(
+        "needle",
+        help="long context: passkey retrieval grid and perplexity vs context length, "
+        "dense vs sparse attention variants of the same weights",
+    )
     _add_target(p, "checkpoint file, run directory, or exported model directory of an LM")
-    p.add_argument("--variants", nargs="+", choices=["dense", "dhsa", "fixed"], default=["dense", "dhsa", "fixed"],
-                   help="dense: as saved; dhsa: model.mixer.type=dhsa at --budget; fixed: dhsa with fixed blocks")
-    p.add_argument("--budget", type=int, default=None,
-                   help="sparse attention budget (model.mixer.budget; default: longest length // 4)")
-    p.add_argument("--mixer", action="append", default=[], metavar="KEY=VALUE",
-                   help="option of both sparse variants, as model.mixer.KEY=VALUE (repeatable)")
-    p.add_argument("--lengths", type=int, nargs="+", default=None,
-                   help="context lengths in tokens (default: 256 512 1024 2048 capped at model.max_seq_len)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="relative needle depths, 0 = start of the haystack, 1 = right before the question")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["dense", "dhsa", "fixed"],
+        default=["dense", "dhsa", "fixed"],
+        help="dense: as saved; dhsa: model.mixer.type=dhsa at --budget; fixed: dhsa with fixed blocks",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="sparse attention budget (model.mixer.budget; default: longest length // 4)",
+    )
+    p.add_argument(
+        "--mixer",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option of both sparse variants, as model.mixer.KEY=VALUE (repeatable)",
+    )
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="context lengths in tokens (default: 256 512 1024 2048 capped at model.max_seq_len)",
+    )
+    p.add_argument(
+        "--depths",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="relative needle depths, 0 = start of the haystack, 1 = right before the question",
+    )
     p.add_argument("--trials", type=int, default=10, help="random passkeys per (length, depth) cell")
-    p.add_argument("--key", choices=["digits", "letters"], default="digits",
-                   help="passkey of 5 digits, or of 5 capital letters (models trained on text without digits)")
+    p.add_argument(
+        "--key",
+        choices=["digits", "letters"],
+        default="digits",
+        help="passkey of 5 digits, or of 5 capital letters (models trained on text without digits)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of passkeys and haystacks (the same for every variant)")
-    p.add_argument("--ppl-tokens", type=int, default=65536,
-                   help="held-out tokens for perplexity, the same text at every length (at least one longest window)")
+    p.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=65536,
+        help="held-out tokens for perplexity, the same text at every length (at least one longest window)",
+    )
     p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass for perplexity")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/needle)")
-    p = sub.add_parser("dhsa-boundaries", help="DHSA: train the learned chunk-boundary predictors on a model's keys, "
-                                               "labeled by its own attention")  # fmt: skip
+    p = sub.add_parser(
+        "dhsa-boundaries",
+        help="DHSA: train the learned chunk-boundary predictors on a model's keys, labeled by its own attention",
+    )
     _add_target(p, "checkpoint file, run directory, or exported model directory (dense or DHSA mixers)")
     p.add_argument("--batches", type=int, default=32, help="train-split batches (data.batch_size x data.seq_len)")
     p.add_argument("--val-batches", type=int, default=8, help="held-out batches for the evaluation")
@@ -178,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from .generate import sample_command
 
-            sample_command(args.target, args.overrides, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
+            sample_command(
+                args.target, args.overrides, args.prompt, args.tokens, args.temperature, args.top_k, args.seed
+            )
         elif args.command == "info":
             from .info import info
 
@@ -190,13 +244,30 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "oracle":
             from .oracle import oracle
 
-            oracle(args.target, args.overrides, budget=args.budget, with_skip=args.with_skip, batches=args.batches,
-                   out_dir=args.out, chunk=args.chunk)  # fmt: skip
+            oracle(
+                args.target,
+                args.overrides,
+                budget=args.budget,
+                with_skip=args.with_skip,
+                batches=args.batches,
+                out_dir=args.out,
+                chunk=args.chunk,
+            )
         elif args.command == "bench-dhsa":
             from .bench_dhsa import bench_dhsa
 
-            bench_dhsa(args.lengths, args.budget, args.reps, args.heads, args.kv_heads, args.head_dim, args.chunk,
-                       args.query_block, args.threads, args.eager_max_gib)  # fmt: skip
+            bench_dhsa(
+                args.lengths,
+                args.budget,
+                args.reps,
+                args.heads,
+                args.kv_heads,
+                args.head_dim,
+                args.chunk,
+                args.query_block,
+                args.threads,
+                args.eager_max_gib,
+            )
         elif args.command == "bench-bra":
             from .bench_bra import bench_bra, lm_step_times
 
@@ -207,17 +278,39 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "needle":
             from .needle import needle_command
 
-            needle_command(args.target, args.overrides, args.variants, args.budget, args.mixer, args.lengths,
-                           args.depths, args.trials, args.seed, args.ppl_tokens, args.batch_tokens,
-                           args.out, args.key)  # fmt: skip
+            needle_command(
+                args.target,
+                args.overrides,
+                args.variants,
+                args.budget,
+                args.mixer,
+                args.lengths,
+                args.depths,
+                args.trials,
+                args.seed,
+                args.ppl_tokens,
+                args.batch_tokens,
+                args.out,
+                args.key,
+            )
         elif args.command == "dhsa-boundaries":
             from .dhsa_boundaries import dhsa_boundaries
 
             mixer_opts = {k: getattr(args, k) for k in ("window", "hidden", "threshold", "nms_radius", "max_chunk")}
-            dhsa_boundaries(args.target, args.overrides, batches=args.batches, val_batches=args.val_batches,
-                            steps=args.steps, lr=args.lr, seed=args.seed, ratio=args.ratio, gamma=args.gamma,
-                            alpha=args.alpha, out=args.out,
-                            **{k: v for k, v in mixer_opts.items() if v is not None})  # fmt: skip
+            dhsa_boundaries(
+                args.target,
+                args.overrides,
+                batches=args.batches,
+                val_batches=args.val_batches,
+                steps=args.steps,
+                lr=args.lr,
+                seed=args.seed,
+                ratio=args.ratio,
+                gamma=args.gamma,
+                alpha=args.alpha,
+                out=args.out,
+                **{k: v for k, v in mixer_opts.items() if v is not None},
+            )
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2

@@ -149,10 +149,14 @@ def validate(cfg: Mapping) -> dict:
     cfg["model"] = dict(model.config)
     task, source_task = task_of(cfg), getattr(SOURCES.get(cfg["data"]["source"]["type"], ""), "task", "lm")
     if task != source_task:
-        raise ConfigError(f"data.source.type: {cfg['data']['source']['type']!r} is a {source_task} source but "
-                          f"model.kind {cfg['model']['kind']!r} is a {task} model")  # fmt: skip
+        raise ConfigError(
+            f"data.source.type: {cfg['data']['source']['type']!r} is a {source_task} source but "
+            f"model.kind {cfg['model']['kind']!r} is a {task} model"
+        )
     if task == "classification":
-        cfg["data"]["augment"] = check_fields(cfg["data"]["augment"], fields_of_dataclass(images.AugmentConfig), "data.augment")
+        cfg["data"]["augment"] = check_fields(
+            cfg["data"]["augment"], fields_of_dataclass(images.AugmentConfig), "data.augment"
+        )
     elif cfg["data"]["augment"]:
         raise ConfigError("data.augment: only image classification models take augmentation")
     if task == "lm" and cfg["data"]["seq_len"] is None:

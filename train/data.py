@@ -238,7 +238,10 @@ def load_tokens(data_cfg: dict, tokenizer) -> dict[str, dict]:
     cache = Path(os.path.expanduser(data_cfg["cache_dir"])) / "tokens" / f"{spec['type']}-{key}.npz"
     if cache.is_file():
         with np.load(cache) as z:
-            return {s: {"tokens": z[f"{s}_tokens"], "bytes_per_token": float(z[f"{s}_bpt"])} for s in ("train", "validation")}
+            return {
+                s: {"tokens": z[f"{s}_tokens"], "bytes_per_token": float(z[f"{s}_bpt"])}
+                for s in ("train", "validation")
+            }
     max_tokens = getattr(source, "max_tokens", None)
     out = {}
     for split in ("train", "validation"):
@@ -257,7 +260,9 @@ def load_tokens(data_cfg: dict, tokenizer) -> dict[str, dict]:
         if int(d["tokens"].max()) >= tokenizer.vocab_size:
             raise ConfigError(f"data.tokenizer: token ids exceed the tokenizer's vocab of {tokenizer.vocab_size}")
         d["bytes_per_token"] = d.pop("n_bytes") / len(d["tokens"])
-    arrays = {f"{s}_tokens": d["tokens"] for s, d in out.items()} | {f"{s}_bpt": d["bytes_per_token"] for s, d in out.items()}
+    arrays = {f"{s}_tokens": d["tokens"] for s, d in out.items()} | {
+        f"{s}_bpt": d["bytes_per_token"] for s, d in out.items()
+    }
     atomic_write(cache, lambda p: np.savez(open(p, "wb"), **arrays))
     return out
 
@@ -266,7 +271,9 @@ class TrainWindows(Dataset):
     """Item i is the whole micro-batch number ``start + i``: ``batch_size`` windows of ``seq_len + 1`` tokens at
     offsets drawn from a generator seeded by ``(seed, rank, start + i)``."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0):
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0
+    ):
         if len(tokens) <= seq_len + 1:
             raise ConfigError(f"data.seq_len: {seq_len} is longer than the training split ({len(tokens)} tokens)")
         self.tokens, self.T, self.B = tokens, seq_len, batch_size
@@ -331,9 +338,14 @@ class LMDataModule(L.LightningDataModule):
         done = trainer.global_step * accum if trainer is not None else 0  # micro-batches already trained (resume)
         rank = trainer.global_rank if trainer is not None else 0
         ds = TrainWindows(
-            self.splits["train"]["tokens"], self.data_cfg["seq_len"], self.data_cfg["batch_size"],
-            self.cfg["seed"], done, tr["max_steps"] * accum, rank,
-        )  # fmt: skip
+            self.splits["train"]["tokens"],
+            self.data_cfg["seq_len"],
+            self.data_cfg["batch_size"],
+            self.cfg["seed"],
+            done,
+            tr["max_steps"] * accum,
+            rank,
+        )
         return DataLoader(ds, batch_size=None, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:

@@ -47,8 +47,11 @@ from .checkpoint import load_trained, run_dir_of
 from .data import LMDataModule, TrainWindows, ValWindows
 
 IGNORE = -1  # label of positions without a full window on each side
-_DHSA_DEFAULTS = {k: p.default for k, p in inspect.signature(DHSA.__init__).parameters.items()
-                  if p.default is not inspect.Parameter.empty}  # fmt: skip
+_DHSA_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(DHSA.__init__).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
 
 
 # ---- labels -----------------------------------------------------------------------------------------------------
@@ -78,19 +81,22 @@ def boundary_labels(A: torch.Tensor, window: int, ratio: float, eps: float = 1e-
     return out
 
 
-def labels_from_qk(q: torch.Tensor, k: torch.Tensor, window: int, ratio: float,
-                   max_elements: int = 1 << 24) -> torch.Tensor:  # fmt: skip
+def labels_from_qk(
+    q: torch.Tensor, k: torch.Tensor, window: int, ratio: float, max_elements: int = 1 << 24
+) -> torch.Tensor:
     """``boundary_labels(attention_probs(q, k))`` a few sequences at a time (bounded [g, H, T, T] float64
     temporaries): q [B, T, H, hd], k [B, T, Hkv, hd] -> int8 [B, T]."""
     B, T, H, _ = q.shape
     g = max(1, max_elements // (H * T * T))
-    return torch.cat([boundary_labels(attention_probs(q[i : i + g], k[i : i + g]), window, ratio)
-                      for i in range(0, B, g)])  # fmt: skip
+    return torch.cat(
+        [boundary_labels(attention_probs(q[i : i + g], k[i : i + g]), window, ratio) for i in range(0, B, g)]
+    )
 
 
 # ---- loss -------------------------------------------------------------------------------------------------------
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
-               alpha: Optional[float] = 0.25) -> torch.Tensor:  # fmt: skip
+def focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: Optional[float] = 0.25
+) -> torch.Tensor:
     """Binary focal loss (RetinaNet: Lin et al. 2017), mean over elements: −α_t (1 − p_t)^γ log p_t, with p_t the
     predicted probability of the true class and α_t = α for positives, 1 − α for negatives (``alpha`` None: no
     weighting). γ = 0 and α None is binary cross-entropy."""
@@ -132,8 +138,15 @@ def recording_qk(mixers: dict[int, CausalSelfAttention]):
 
 
 @torch.no_grad()
-def collect(model, mixers: dict[int, CausalSelfAttention], windows, window: int, ratio: float, desc: str = "keys",
-            progress: bool = True) -> tuple[dict[int, list], dict[int, list]]:  # fmt: skip
+def collect(
+    model,
+    mixers: dict[int, CausalSelfAttention],
+    windows,
+    window: int,
+    ratio: float,
+    desc: str = "keys",
+    progress: bool = True,
+) -> tuple[dict[int, list], dict[int, list]]:
     """Run the frozen LM on each window batch ([B, T+1]; the first T tokens) and keep, per layer, the keys
     k.flatten(2) [B, T, Hkv·hd] (float32, CPU) and their labels int8 [B, T]: one list entry per batch."""
     device = next(model.parameters()).device
@@ -150,10 +163,21 @@ def collect(model, mixers: dict[int, CausalSelfAttention], windows, window: int,
 
 
 # ---- training and evaluation ------------------------------------------------------------------------------------
-def train_predictors(keys: dict[int, list], labels: dict[int, list], *, n_heads: int, window: int = 4,
-                     hidden: int = 256, steps: int = 300, lr: float = 1e-3, seed: int = 0, gamma: float = 2.0,
-                     alpha: Optional[float] = 0.25, device="cpu", progress: bool = True,
-                     ) -> tuple[dict[int, BoundaryPredictor], torch.Tensor]:  # fmt: skip
+def train_predictors(
+    keys: dict[int, list],
+    labels: dict[int, list],
+    *,
+    n_heads: int,
+    window: int = 4,
+    hidden: int = 256,
+    steps: int = 300,
+    lr: float = 1e-3,
+    seed: int = 0,
+    gamma: float = 2.0,
+    alpha: Optional[float] = 0.25,
+    device="cpu",
+    progress: bool = True,
+) -> tuple[dict[int, BoundaryPredictor], torch.Tensor]:
     """One ``BoundaryPredictor`` per layer, trained with the focal loss on the labeled positions; each step takes
     one stored batch (every batch once per epoch, in an order drawn from ``seed``) for every layer.
     Returns ({layer: predictor (eval mode)}, per-step losses [steps, n_layers])."""
@@ -188,9 +212,17 @@ def train_predictors(keys: dict[int, list], labels: dict[int, list], *, n_heads:
 
 
 @torch.no_grad()
-def evaluate_predictor(pred: BoundaryPredictor, keys: list, labels: list, *, threshold: float = LEARNED_THRESHOLD,
-                       nms_radius: int = 8, max_chunk: int = 64, gamma: float = 2.0, alpha: Optional[float] = 0.25,
-                       ) -> dict:  # fmt: skip
+def evaluate_predictor(
+    pred: BoundaryPredictor,
+    keys: list,
+    labels: list,
+    *,
+    threshold: float = LEARNED_THRESHOLD,
+    nms_radius: int = 8,
+    max_chunk: int = 64,
+    gamma: float = 2.0,
+    alpha: Optional[float] = 0.25,
+) -> dict:
     """Metrics of one layer's predictor on stored batches: over the labeled positions, the positive rate of the
     labels and of ``logit > threshold``, precision, recall, F1 (0 when undefined; counts included) and the focal
     loss; over all positions, the mean chunk length after DHSA's non-maximum suppression (``nms_starts``)."""
@@ -209,9 +241,19 @@ def evaluate_predictor(pred: BoundaryPredictor, keys: list, labels: list, *, thr
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"positions": n, "pos_rate": pos / n, "pred_rate": (tp + fp) / n, "precision": precision,
-            "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "focal_loss": loss / n,
-            "mean_chunk_len": tokens / starts}  # fmt: skip
+    return {
+        "positions": n,
+        "pos_rate": pos / n,
+        "pred_rate": (tp + fp) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "focal_loss": loss / n,
+        "mean_chunk_len": tokens / starts,
+    }
 
 
 def save_predictors(path: str | Path, preds: dict[int, BoundaryPredictor], ratio: float, source: str) -> Path:
@@ -219,10 +261,19 @@ def save_predictors(path: str | Path, preds: dict[int, BoundaryPredictor], ratio
     from safetensors.torch import save_file
 
     first = next(iter(preds.values()))
-    tensors = {f"layers.{i}.{name}": t.detach().cpu().contiguous().clone()
-               for i, m in preds.items() for name, t in m.state_dict().items()}  # fmt: skip
-    meta = {"dim": first.dim, "n_heads": first.n_heads, "window": first.window, "hidden": first.hidden,
-            "ratio": ratio, "source": source}  # fmt: skip
+    tensors = {
+        f"layers.{i}.{name}": t.detach().cpu().contiguous().clone()
+        for i, m in preds.items()
+        for name, t in m.state_dict().items()
+    }
+    meta = {
+        "dim": first.dim,
+        "n_heads": first.n_heads,
+        "window": first.window,
+        "hidden": first.hidden,
+        "ratio": ratio,
+        "source": source,
+    }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()}))
     return Path(path)
 
@@ -230,11 +281,13 @@ def save_predictors(path: str | Path, preds: dict[int, BoundaryPredictor], ratio
 def mixer_switch(path: Path, window: int, hidden: int, threshold: float, nms_radius: int, max_chunk: int) -> str:
     """The config overrides that make every mixer a learned-chunker DHSA reading ``path`` (non-defaults only)."""
     parts = ["model.mixer.type=dhsa", "model.mixer.chunker=learned", f"model.mixer.predictor={path}"]
-    for key, value, default in (("window", window, _DHSA_DEFAULTS["window"]),
-                                ("predictor_hidden", hidden, _DHSA_DEFAULTS["predictor_hidden"]),
-                                ("threshold", threshold, LEARNED_THRESHOLD),
-                                ("nms_radius", nms_radius, _DHSA_DEFAULTS["nms_radius"]),
-                                ("max_chunk", max_chunk, _DHSA_DEFAULTS["max_chunk"])):  # fmt: skip
+    for key, value, default in (
+        ("window", window, _DHSA_DEFAULTS["window"]),
+        ("predictor_hidden", hidden, _DHSA_DEFAULTS["predictor_hidden"]),
+        ("threshold", threshold, LEARNED_THRESHOLD),
+        ("nms_radius", nms_radius, _DHSA_DEFAULTS["nms_radius"]),
+        ("max_chunk", max_chunk, _DHSA_DEFAULTS["max_chunk"]),
+    ):
         if value != default:
             parts.append(f"model.mixer.{key}={value}")
     return " ".join(parts)
@@ -242,10 +295,17 @@ def mixer_switch(path: Path, window: int, hidden: int, threshold: float, nms_rad
 
 # ---- the command ------------------------------------------------------------------------------------------------
 def _check_args(**kw) -> None:
-    rules = {"batches": (1, "an integer >= 1"), "val_batches": (1, "an integer >= 1"), "steps": (1, "an integer >= 1"),
-             "window": (1, "an integer >= 1"), "hidden": (1, "an integer >= 1"), "nms_radius": (0, "an integer >= 0"),
-             "max_chunk": (1, "an integer >= 1"), "ratio": (1.0, "a number >= 1 (a mass ratio)"),
-             "gamma": (0.0, "a number >= 0")}  # fmt: skip
+    rules = {
+        "batches": (1, "an integer >= 1"),
+        "val_batches": (1, "an integer >= 1"),
+        "steps": (1, "an integer >= 1"),
+        "window": (1, "an integer >= 1"),
+        "hidden": (1, "an integer >= 1"),
+        "nms_radius": (0, "an integer >= 0"),
+        "max_chunk": (1, "an integer >= 1"),
+        "ratio": (1.0, "a number >= 1 (a mass ratio)"),
+        "gamma": (0.0, "a number >= 0"),
+    }
     for name, (least, allowed) in rules.items():
         if kw[name] < least:
             raise ConfigError(f"--{name.replace('_', '-')}: {kw[name]} is not allowed; allowed values: {allowed}")
@@ -261,18 +321,43 @@ def default_out(target: str | Path) -> Path:
     return run_dir_of(target) / "dhsa" / "boundaries.safetensors"
 
 
-def dhsa_boundaries(target: str, overrides=(), *, batches: int = 32, val_batches: int = 8, steps: int = 300,
-                    lr: float = 1e-3, seed: int = 0, ratio: float = 2.0, gamma: float = 2.0,
-                    alpha: Optional[float] = 0.25, window: int = _DHSA_DEFAULTS["window"],
-                    hidden: int = _DHSA_DEFAULTS["predictor_hidden"],
-                    threshold: float = LEARNED_THRESHOLD, nms_radius: int = _DHSA_DEFAULTS["nms_radius"],
-                    max_chunk: int = _DHSA_DEFAULTS["max_chunk"], out: Optional[str] = None,
-                    progress: bool = True) -> dict:  # fmt: skip
+def dhsa_boundaries(
+    target: str,
+    overrides=(),
+    *,
+    batches: int = 32,
+    val_batches: int = 8,
+    steps: int = 300,
+    lr: float = 1e-3,
+    seed: int = 0,
+    ratio: float = 2.0,
+    gamma: float = 2.0,
+    alpha: Optional[float] = 0.25,
+    window: int = _DHSA_DEFAULTS["window"],
+    hidden: int = _DHSA_DEFAULTS["predictor_hidden"],
+    threshold: float = LEARNED_THRESHOLD,
+    nms_radius: int = _DHSA_DEFAULTS["nms_radius"],
+    max_chunk: int = _DHSA_DEFAULTS["max_chunk"],
+    out: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
     """Label, train, evaluate, write; returns {"out", "json", "switch", "layers" (per-layer metrics),
     "predictors" ({layer: BoundaryPredictor}), "losses" [steps, n_layers]}."""
-    args = dict(batches=batches, val_batches=val_batches, steps=steps, lr=lr, seed=seed, ratio=ratio, gamma=gamma,
-                alpha=alpha, window=window, hidden=hidden, threshold=threshold, nms_radius=nms_radius,
-                max_chunk=max_chunk)  # fmt: skip
+    args = dict(
+        batches=batches,
+        val_batches=val_batches,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        ratio=ratio,
+        gamma=gamma,
+        alpha=alpha,
+        window=window,
+        hidden=hidden,
+        threshold=threshold,
+        nms_radius=nms_radius,
+        max_chunk=max_chunk,
+    )
     _check_args(**args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model = load_trained(target, overrides, map_location=device)
@@ -280,26 +365,34 @@ def dhsa_boundaries(target: str, overrides=(), *, batches: int = 32, val_batches
     mixers = attention_layers(model)
     if not mixers:
         kinds = sorted({type(b.mixer).__name__ for b in model.blocks})
-        raise ConfigError(f"model.mixer: no layer has an attention mixer (CausalSelfAttention: dense, dhsa, ...); "
-                          f"this model's mixers: {', '.join(kinds)}")  # fmt: skip
+        raise ConfigError(
+            f"model.mixer: no layer has an attention mixer (CausalSelfAttention: dense, dhsa, ...); "
+            f"this model's mixers: {', '.join(kinds)}"
+        )
     first = next(iter(mixers.values()))
     n_kv, hd = first.n_kv_heads, first.head_dim
     T, B = cfg["data"]["seq_len"], cfg["data"]["batch_size"]
     if T < 3 * window:
-        raise ConfigError(f"data.seq_len: {T} positions leave no labeled candidate; the labels need >= 3·window = "
-                          f"{3 * window} (p >= window and p + 2·window <= seq_len)")  # fmt: skip
+        raise ConfigError(
+            f"data.seq_len: {T} positions leave no labeled candidate; the labels need >= 3·window = "
+            f"{3 * window} (p >= window and p + 2·window <= seq_len)"
+        )
     out_path = Path(out) if out else default_out(target)
     json_path = out_path.with_suffix(".json")
     skipped = [i for i in range(len(model.blocks)) if i not in mixers]
-    print(f"dhsa-boundaries {target} on {device}: layers {sorted(mixers)} "
-          f"({type(first).__name__}, {n_kv} kv heads x {hd} dims)"
-          + (f", skipping layers {skipped} (no attention mixer)" if skipped else "") + "\n"
-          f"  labels: head-mean dense causal attention, window {window}, mass ratio >= {ratio}\n"
-          f"  train: {batches} batches of {B}x{T} tokens of the train split, {steps} steps of AdamW (lr {lr}, "
-          f"seed {seed}), focal loss (gamma {gamma}, alpha {alpha})\n"
-          f"  eval: {val_batches} batches of the held-out split at threshold {threshold} "
-          f"(NMS radius {nms_radius}, max chunk {max_chunk})\n"
-          f"  writing {out_path} and {json_path}", flush=True)  # fmt: skip
+    print(
+        f"dhsa-boundaries {target} on {device}: layers {sorted(mixers)} "
+        f"({type(first).__name__}, {n_kv} kv heads x {hd} dims)"
+        + (f", skipping layers {skipped} (no attention mixer)" if skipped else "")
+        + "\n"
+        f"  labels: head-mean dense causal attention, window {window}, mass ratio >= {ratio}\n"
+        f"  train: {batches} batches of {B}x{T} tokens of the train split, {steps} steps of AdamW (lr {lr}, "
+        f"seed {seed}), focal loss (gamma {gamma}, alpha {alpha})\n"
+        f"  eval: {val_batches} batches of the held-out split at threshold {threshold} "
+        f"(NMS radius {nms_radius}, max chunk {max_chunk})\n"
+        f"  writing {out_path} and {json_path}",
+        flush=True,
+    )
 
     data = LMDataModule(cfg)
     data.setup()
@@ -307,41 +400,83 @@ def dhsa_boundaries(target: str, overrides=(), *, batches: int = 32, val_batches
     val_ds = ValWindows(data.splits["validation"]["tokens"], T, val_batches * B)
     mib = (batches + val_batches) * B * T * n_kv * hd * 4 * len(mixers) / 2**20
     print(f"  keys kept in memory: {mib:.1f} MiB (float32, {len(mixers)} layers)", flush=True)
-    tr_keys, tr_labels = collect(model, mixers, [train_ds[i] for i in range(len(train_ds))], window, ratio,
-                                 "keys (train)", progress)  # fmt: skip
-    va_keys, va_labels = collect(model, mixers, DataLoader(val_ds, batch_size=B, shuffle=False), window, ratio,
-                                 "keys (val)", progress)  # fmt: skip
+    tr_keys, tr_labels = collect(
+        model, mixers, [train_ds[i] for i in range(len(train_ds))], window, ratio, "keys (train)", progress
+    )
+    va_keys, va_labels = collect(
+        model, mixers, DataLoader(val_ds, batch_size=B, shuffle=False), window, ratio, "keys (val)", progress
+    )
     del model
 
-    preds, losses = train_predictors(tr_keys, tr_labels, n_heads=n_kv, window=window, hidden=hidden, steps=steps,
-                                     lr=lr, seed=seed, gamma=gamma, alpha=alpha, device=device,
-                                     progress=progress)  # fmt: skip
+    preds, losses = train_predictors(
+        tr_keys,
+        tr_labels,
+        n_heads=n_kv,
+        window=window,
+        hidden=hidden,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        gamma=gamma,
+        alpha=alpha,
+        device=device,
+        progress=progress,
+    )
     rows = []
     for col, i in enumerate(sorted(preds)):
         lab = torch.cat([y.flatten() for y in tr_labels[i]])
         lab = lab[lab != IGNORE]
-        metrics = evaluate_predictor(preds[i], va_keys[i], va_labels[i], threshold=threshold, nms_radius=nms_radius,
-                                     max_chunk=max_chunk, gamma=gamma, alpha=alpha)  # fmt: skip
-        rows.append({"layer": i, "train_pos_rate": (lab == 1).double().mean().item(),
-                     "train_loss_first": losses[0, col].item(), "train_loss_last": losses[-1, col].item(),
-                     **{f"val_{k}": v for k, v in metrics.items()}})  # fmt: skip
+        metrics = evaluate_predictor(
+            preds[i],
+            va_keys[i],
+            va_labels[i],
+            threshold=threshold,
+            nms_radius=nms_radius,
+            max_chunk=max_chunk,
+            gamma=gamma,
+            alpha=alpha,
+        )
+        rows.append(
+            {
+                "layer": i,
+                "train_pos_rate": (lab == 1).double().mean().item(),
+                "train_loss_first": losses[0, col].item(),
+                "train_loss_last": losses[-1, col].item(),
+                **{f"val_{k}": v for k, v in metrics.items()},
+            }
+        )
 
     save_predictors(out_path, preds, ratio, str(Path(target).resolve()))
     switch = mixer_switch(out_path, window, hidden, threshold, nms_radius, max_chunk)
-    result = {"source": str(target), "overrides": list(overrides), "out": str(out_path), "args": args,
-              "seq_len": T, "batch_size": B, "train_windows": len(train_ds) * B, "val_windows": len(val_ds),
-              "switch": switch, "layers": rows}  # fmt: skip
+    result = {
+        "source": str(target),
+        "overrides": list(overrides),
+        "out": str(out_path),
+        "args": args,
+        "seq_len": T,
+        "batch_size": B,
+        "train_windows": len(train_ds) * B,
+        "val_windows": len(val_ds),
+        "switch": switch,
+        "layers": rows,
+    }
     atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(result, indent=1)))
 
-    print(f"\nboundary predictors on {len(val_ds)} held-out windows of {T} tokens (labeled positions "
-          f"p in [{window}, {T - 2 * window}]; 'pred' = logit > {threshold}; chunk length after NMS)\n")
-    print("| layer | train pos | val pos | val pred | precision | recall |   F1  | focal loss (train first -> last, "
-          "val) | mean chunk |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|")  # fmt: skip
+    print(
+        f"\nboundary predictors on {len(val_ds)} held-out windows of {T} tokens (labeled positions "
+        f"p in [{window}, {T - 2 * window}]; 'pred' = logit > {threshold}; chunk length after NMS)\n"
+    )
+    print(
+        "| layer | train pos | val pos | val pred | precision | recall |   F1  | focal loss (train first -> last, "
+        "val) | mean chunk |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+    )
     for r in rows:
-        print(f"| {r['layer']} | {r['train_pos_rate']:.3f} | {r['val_pos_rate']:.3f} | {r['val_pred_rate']:.3f} | "
-              f"{r['val_precision']:.3f} | {r['val_recall']:.3f} | {r['val_f1']:.3f} | "
-              f"{r['train_loss_first']:.4f} -> {r['train_loss_last']:.4f}, {r['val_focal_loss']:.4f} | "
-              f"{r['val_mean_chunk_len']:.1f} |")  # fmt: skip
+        print(
+            f"| {r['layer']} | {r['train_pos_rate']:.3f} | {r['val_pos_rate']:.3f} | {r['val_pred_rate']:.3f} | "
+            f"{r['val_precision']:.3f} | {r['val_recall']:.3f} | {r['val_f1']:.3f} | "
+            f"{r['train_loss_first']:.4f} -> {r['train_loss_last']:.4f}, {r['val_focal_loss']:.4f} | "
+            f"{r['val_mean_chunk_len']:.1f} |"
+        )
     print(f"\nwrote {out_path} ({len(preds)} predictors) and {json_path}")
     print(f"use it: python -m train eval {target} {switch}")
     return {"out": out_path, "json": json_path, "switch": switch, "layers": rows, "predictors": preds, "losses": losses}

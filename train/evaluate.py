@@ -29,7 +29,9 @@ def evaluate(target: str, overrides=()) -> dict:
     cfg, model = load_trained(target, overrides)
     data = LMDataModule(cfg, full_validation=True)
     data.setup()
-    print(f"eval {target}: {cfg['data']['source']['type']} validation split, windows of {cfg['data']['seq_len']} tokens")
+    print(
+        f"eval {target}: {cfg['data']['source']['type']} validation split, windows of {cfg['data']['seq_len']} tokens"
+    )
     r = evaluate_model(model, data)
     print(f"val loss {r['loss']:.4f} nats/token | {r['bpb']:.4f} bits/byte | ppl {r['ppl']:.3f} | {r['tokens']} tokens")
     return r

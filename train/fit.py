@@ -19,11 +19,16 @@ from arch import ConfigError
 from arch.io import atomic_write, save_pretrained
 
 from .checkpoint import (
-    AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, latest_checkpoint, load_trained, read_checkpoint,
-)  # fmt: skip
+    AtomicCheckpointIO,
+    CheckpointError,
+    PeriodicCheckpoint,
+    latest_checkpoint,
+    load_trained,
+    read_checkpoint,
+)
 from .config import load_config, task_of
-from .grow import FreezeOldTokens
 from .data import LMDataModule, bits_per_byte
+from .grow import FreezeOldTokens
 from .module import ClassifierModule, LMModule
 
 RUN_DIR_ENV = "ADAPTIVE_COMPUTE_RUN_DIR"  # shared with the processes that `strategy=ddp` launches
@@ -61,7 +66,11 @@ def make_run_dir(cfg: dict) -> Path:
 
 def build_trainer(cfg: dict, run_dir: Path, callbacks=(), loggers: bool = True) -> L.Trainer:
     tr = cfg["trainer"]
-    logger = [TensorBoardLogger(run_dir, name="tb", version=""), CSVLogger(run_dir, name="csv", version="")] if loggers else False
+    logger = (
+        [TensorBoardLogger(run_dir, name="tb", version=""), CSVLogger(run_dir, name="csv", version="")]
+        if loggers
+        else False
+    )
     cbs = [
         PeriodicCheckpoint(run_dir / "checkpoints", tr["ckpt_every"], tr["keep_checkpoints"]),
         ReplicaSyncCheck(),
@@ -70,13 +79,26 @@ def build_trainer(cfg: dict, run_dir: Path, callbacks=(), loggers: bool = True) 
         *callbacks,
     ]
     return L.Trainer(
-        max_steps=tr["max_steps"], max_epochs=-1, accelerator=tr["accelerator"], devices=tr["devices"],
-        strategy=tr["strategy"], precision=tr["precision"], accumulate_grad_batches=tr["accumulate_grad_batches"],
-        val_check_interval=tr["val_every"] * tr["accumulate_grad_batches"], check_val_every_n_epoch=None,
-        log_every_n_steps=tr["log_every"], logger=logger, callbacks=cbs, enable_checkpointing=True,
-        enable_progress_bar=tr["progress_bar"], enable_model_summary=False, num_sanity_val_steps=0,
-        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], default_root_dir=run_dir,
-    )  # fmt: skip
+        max_steps=tr["max_steps"],
+        max_epochs=-1,
+        accelerator=tr["accelerator"],
+        devices=tr["devices"],
+        strategy=tr["strategy"],
+        precision=tr["precision"],
+        accumulate_grad_batches=tr["accumulate_grad_batches"],
+        val_check_interval=tr["val_every"] * tr["accumulate_grad_batches"],
+        check_val_every_n_epoch=None,
+        log_every_n_steps=tr["log_every"],
+        logger=logger,
+        callbacks=cbs,
+        enable_checkpointing=True,
+        enable_progress_bar=tr["progress_bar"],
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir,
+    )
 
 
 def fit(config_path: str, overrides=(), resume: str | None = None, init_from: str | None = None) -> dict:
@@ -115,8 +137,10 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     init_model = None
     if init_from:
         if resume:
-            raise ConfigError("--init-from and --resume exclude each other: resume continues a run, "
-                              "init-from starts a new one from trained weights")  # fmt: skip
+            raise ConfigError(
+                "--init-from and --resume exclude each other: resume continues a run, "
+                "init-from starts a new one from trained weights"
+            )
         cfg, init_model, replaced = init_source(cfg, init_from)
     ckpt_path = None
     if resume:
@@ -134,15 +158,19 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
         data = ImageDataModule(cfg)
         data.setup()
         module = ClassifierModule(cfg)
-        what = (f"{cfg['data']['source']['type']}: {len(data.splits['train'])} training / "
-                f"{len(data.splits['validation'])} held-out images, {data.source.num_classes} classes, "
-                f"{steps} steps of {B} images")  # fmt: skip
+        what = (
+            f"{cfg['data']['source']['type']}: {len(data.splits['train'])} training / "
+            f"{len(data.splits['validation'])} held-out images, {data.source.num_classes} classes, "
+            f"{steps} steps of {B} images"
+        )
     else:
         data = LMDataModule(cfg)
         data.setup()
         module = LMModule(cfg, data.bytes_per_token)
-        what = (f"{len(data.splits['train']['tokens']) / 1e6:.2f}M training tokens, "
-                f"{steps} steps of {B}x{cfg['data']['seq_len']} tokens")  # fmt: skip
+        what = (
+            f"{len(data.splits['train']['tokens']) / 1e6:.2f}M training tokens, "
+            f"{steps} steps of {B}x{cfg['data']['seq_len']} tokens"
+        )
     if init_model is not None:
         module.model.load_state_dict(init_model.state_dict())
     n_params = sum(p.numel() for p in module.model.parameters())
@@ -154,8 +182,11 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
             f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)"
             + (f"\n  resuming from {ckpt_path}" if ckpt_path else "")
             + (f"\n  weights initialised from {init_from} (fresh optimizer and schedule)" if init_from else "")
-            + (f"\n  model section taken from {init_from}: its weights do not fit {config_path}'s model"
-               if init_from and replaced else ""),
+            + (
+                f"\n  model section taken from {init_from}: its weights do not fit {config_path}'s model"
+                if init_from and replaced
+                else ""
+            ),
             flush=True,
         )
     callbacks = [FreezeOldTokens()] if cfg["optim"]["freeze_old_tokens"] else []
@@ -165,12 +196,16 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     result = {"run_dir": run_dir, "val_loss": float(val["val/loss"])}
     if classify:
         result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
-        report = (f"validation: loss {result['val_loss']:.4f}, top-1 {100 * result['val_acc1']:.2f}%, "
-                  f"top-5 {100 * result['val_acc5']:.2f}% (all {len(data.splits['validation'])} held-out images)")  # fmt: skip
+        report = (
+            f"validation: loss {result['val_loss']:.4f}, top-1 {100 * result['val_acc1']:.2f}%, "
+            f"top-5 {100 * result['val_acc5']:.2f}% (all {len(data.splits['validation'])} held-out images)"
+        )
     else:
         result["val_bpb"] = bits_per_byte(result["val_loss"], data.bytes_per_token)
-        report = (f"validation loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte "
-                  f"(held-out, {cfg['data']['val_batches'] or 'all'} batches)")  # fmt: skip
+        report = (
+            f"validation loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte "
+            f"(held-out, {cfg['data']['val_batches'] or 'all'} batches)"
+        )
     if trainer.is_global_zero:
         save_pretrained(module.model, run_dir / "model")
         print(report)
@@ -178,6 +213,8 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
         if not classify and cfg["trainer"]["sample_tokens"] > 0:
             from .generate import generate_text
 
-            text = generate_text(module.model, data.tokenizer, cfg["trainer"]["sample_prompt"], cfg["trainer"]["sample_tokens"])
+            text = generate_text(
+                module.model, data.tokenizer, cfg["trainer"]["sample_prompt"], cfg["trainer"]["sample_tokens"]
+            )
             print("sample:\n" + "-" * 72 + "\n" + text + "\n" + "-" * 72)
     return result

@@ -22,9 +22,14 @@ def _prefill_cache(model: nn.Module, out: torch.Tensor):
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, ids: list[int], n_new: int, temperature: float = 0.8, top_k: int | None = None, seed: int = 0,
+    model: nn.Module,
+    ids: list[int],
+    n_new: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int = 0,
     incremental: bool = True,
-) -> list[int]:  # fmt: skip
+) -> list[int]:
     """Append ``n_new`` sampled tokens to ``ids``; the context is cropped to the model's ``max_seq_len``.
 
     ``incremental``: decode token by token with the model's cache (``CausalLM.step``: keys, values and sparse
@@ -56,8 +61,15 @@ def generate(
     return out[0].tolist()
 
 
-def generate_text(model: nn.Module, tokenizer, prompt: str, n_new: int, temperature: float = 0.8,
-                  top_k: int | None = None, seed: int = 0) -> str:  # fmt: skip
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    n_new: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id or 0]
     return tokenizer.decode(generate(model, ids, n_new, temperature, top_k, seed))
 

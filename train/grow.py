@@ -41,8 +41,12 @@ def grow_command(target: str, scale: float | None, slots: str | None, out: str |
     cfg, model = load_trained(target)
     slot_map = parse_slots(slots)
     grown = grow(model, scale=None if slot_map else scale, slots=slot_map, seed=seed).eval()
-    x = torch.randint(0, cfg["model"]["vocab_size"], (2, min(64, cfg["model"]["max_seq_len"])),
-                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    x = torch.randint(
+        0,
+        cfg["model"]["vocab_size"],
+        (2, min(64, cfg["model"]["max_seq_len"])),
+        generator=torch.Generator().manual_seed(seed),
+    )
     with torch.no_grad():
         diff = (grown(x) - model(x)).abs().max().item()
     tag = f"x{scale:g}" if slot_map is None else "slots-" + "-".join(f"{k}{v}" for k, v in slot_map.items())
@@ -50,8 +54,12 @@ def grow_command(target: str, scale: float | None, slots: str | None, out: str |
     out_dir = Path(out) if out else (src if src.is_dir() else src.parent.parent) / f"grown-{tag}"
     save_pretrained(grown, out_dir)
     n0, n1 = (sum(p.numel() for p in m.parameters()) for m in (model, grown))
-    print(f"grew {target}: {n0 / 1e6:.2f}M -> {n1 / 1e6:.2f}M parameters ({tag}); "
-          f"max |logit change| on a random batch: {diff:.2e}")  # fmt: skip
-    print(f"wrote {out_dir} (model.safetensors + config.yaml); continue with:\n"
-          f"  python -m train fit <config.yaml> --init-from {out_dir}")  # fmt: skip
+    print(
+        f"grew {target}: {n0 / 1e6:.2f}M -> {n1 / 1e6:.2f}M parameters ({tag}); "
+        f"max |logit change| on a random batch: {diff:.2e}"
+    )
+    print(
+        f"wrote {out_dir} (model.safetensors + config.yaml); continue with:\n"
+        f"  python -m train fit <config.yaml> --init-from {out_dir}"
+    )
     return out_dir

@@ -67,7 +67,13 @@ class HFImages(Dataset):
     """A Hugging Face image dataset as (image [C, S, S] float in [0, 1], label) pairs."""
 
     def __init__(self, ds, image_field: str, label_field: str, size: int, channels: int):
-        self.ds, self.image_field, self.label_field, self.size, self.channels = ds, image_field, label_field, size, channels
+        self.ds, self.image_field, self.label_field, self.size, self.channels = (
+            ds,
+            image_field,
+            label_field,
+            size,
+            channels,
+        )
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -80,8 +86,13 @@ class HFImages(Dataset):
         # resize the short side to `size`, centre crop (train batches are then re-cropped by augmentation)
         h, w = x.shape[1:]
         s = self.size / min(h, w)
-        x = F.interpolate(x[None], size=(max(self.size, round(h * s)), max(self.size, round(w * s))),
-                          mode="bilinear", align_corners=False, antialias=True)[0]  # fmt: skip
+        x = F.interpolate(
+            x[None],
+            size=(max(self.size, round(h * s)), max(self.size, round(w * s))),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0]
         top, left = (x.shape[1] - self.size) // 2, (x.shape[2] - self.size) // 2
         return x[:, top : top + self.size, left : left + self.size], int(row[self.label_field])
 
@@ -93,13 +104,26 @@ class HFImageSource:
     task = "classification"
 
     def __init__(
-        self, *, name: str, config_name: Optional[str] = None, data_dir: Optional[str] = None, split: str = "train",
-        val_split: str = "validation", image_field: str = "image", label_field: str = "label",
-        image_size: int = 224, channels: int = 3,
-    ):  # fmt: skip
+        self,
+        *,
+        name: str,
+        config_name: Optional[str] = None,
+        data_dir: Optional[str] = None,
+        split: str = "train",
+        val_split: str = "validation",
+        image_field: str = "image",
+        label_field: str = "label",
+        image_size: int = 224,
+        channels: int = 3,
+    ):
         self.name, self.config_name, self.data_dir = name, config_name, data_dir
         self.splits = {"train": split, "validation": val_split}
-        self.image_field, self.label_field, self.image_size, self.channels = image_field, label_field, image_size, channels
+        self.image_field, self.label_field, self.image_size, self.channels = (
+            image_field,
+            label_field,
+            image_size,
+            channels,
+        )
         self.mean, self.std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ([0.5], [0.5])
 
     def load(self) -> dict[str, Dataset]:
@@ -110,8 +134,10 @@ class HFImageSource:
             ds = datasets.load_dataset(self.name, self.config_name, data_dir=self.data_dir, split=name)
             for key in ("image_field", "label_field"):
                 if getattr(self, key) not in ds.column_names:
-                    raise ConfigError(f"data.source.{key}: {getattr(self, key)!r} is not a column of {self.name}; "
-                                      f"allowed values: {', '.join(ds.column_names)}")  # fmt: skip
+                    raise ConfigError(
+                        f"data.source.{key}: {getattr(self, key)!r} is not a column of {self.name}; "
+                        f"allowed values: {', '.join(ds.column_names)}"
+                    )
             out[split] = HFImages(ds, self.image_field, self.label_field, self.image_size, self.channels)
         feature = out["train"].ds.features[self.label_field]
         self.num_classes = getattr(feature, "num_classes", None) or len(set(out["train"].ds[self.label_field]))
@@ -148,18 +174,27 @@ class ImageDataModule(L.LightningDataModule):
         if self.splits is None:
             self.splits = self.source.load()
             if self.source.num_classes > self.cfg["model"]["num_classes"]:
-                raise ConfigError(f"model.num_classes: {self.cfg['model']['num_classes']} is smaller than the "
-                                  f"{self.source.num_classes} classes of the data")  # fmt: skip
+                raise ConfigError(
+                    f"model.num_classes: {self.cfg['model']['num_classes']} is smaller than the "
+                    f"{self.source.num_classes} classes of the data"
+                )
             self._gen = torch.Generator().manual_seed(self.cfg["seed"])
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.cfg["seed"])
-        return DataLoader(self.splits["train"], batch_size=self.data_cfg["batch_size"], shuffle=True, drop_last=True,
-                          generator=g, num_workers=self.data_cfg["num_workers"])  # fmt: skip
+        return DataLoader(
+            self.splits["train"],
+            batch_size=self.data_cfg["batch_size"],
+            shuffle=True,
+            drop_last=True,
+            generator=g,
+            num_workers=self.data_cfg["num_workers"],
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["validation"], batch_size=self.data_cfg["batch_size"],
-                          num_workers=self.data_cfg["num_workers"])  # fmt: skip
+        return DataLoader(
+            self.splits["validation"], batch_size=self.data_cfg["batch_size"], num_workers=self.data_cfg["num_workers"]
+        )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch  # [B, C, S, S] in [0, 1], [B]

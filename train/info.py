@@ -60,10 +60,14 @@ def classifier_info(cfg: dict) -> dict:
     size = m["image_size"]
     flops = image_forward_flops(m, size)
     paper = PAPER_BIFORMER.get((tuple(m["depths"]), tuple(m["dims"])))
-    print(f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M)"
-          + (f"  | paper ({paper[0]}, 1000 classes): {paper[1]}M" if paper else ""))  # fmt: skip
-    print(f"FLOPs at {size}x{size}: {flops / 2e9:.3f} G multiply-adds ({flops / 1e9:.3f} GFLOP)"
-          + (f"  | paper: {paper[2]} G (fvcore counts multiply-adds)" if paper else ""))  # fmt: skip
+    print(
+        f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M)"
+        + (f"  | paper ({paper[0]}, 1000 classes): {paper[1]}M" if paper else "")
+    )
+    print(
+        f"FLOPs at {size}x{size}: {flops / 2e9:.3f} G multiply-adds ({flops / 1e9:.3f} GFLOP)"
+        + (f"  | paper: {paper[2]} G (fvcore counts multiply-adds)" if paper else "")
+    )
     return {"params": params, "forward_flops": flops, "paper": paper}
 
 
@@ -82,8 +86,10 @@ def info(config_path: str, overrides=()) -> dict:
     params = count_params(model)
     flops = forward_flops_per_token(cfg["model"], cfg["data"]["seq_len"])
     print(f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M), non-embedding {params['non_embedding']:,}")
-    print(f"FLOPs per token at T={cfg['data']['seq_len']}: forward {flops / 1e6:.2f} MFLOP, "
-          f"training (fwd+bwd = 3x fwd) {3 * flops / 1e6:.2f} MFLOP")  # fmt: skip
+    print(
+        f"FLOPs per token at T={cfg['data']['seq_len']}: forward {flops / 1e6:.2f} MFLOP, "
+        f"training (fwd+bwd = 3x fwd) {3 * flops / 1e6:.2f} MFLOP"
+    )
     if any(r["ffn"]["type"] == "duo" for r in rows):
         print("  (duo FFN layers counted with every token routed big: an upper bound)")
     return {"params": params, "forward_flops_per_token": flops}

@@ -43,9 +43,12 @@ def lr_at(step: int, optim: dict, max_steps: int) -> float:
 def build_optimizer(model: nn.Module, cfg: dict) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     o = cfg["optim"]
     opt = torch.optim.AdamW(
-        param_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+        param_groups(model, o["weight_decay"]),
+        lr=o["lr"],
+        betas=tuple(o["betas"]),
+        eps=o["eps"],
         fused=False,
-    )  # fmt: skip
+    )
     max_steps = cfg["trainer"]["max_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, max_steps) / o["lr"])
     return opt, sched

@@ -44,10 +44,11 @@ import gc
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -67,8 +68,10 @@ QUESTION = " What is the pass key? The pass key is "
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SNAP_TOKENS = 32  # the needle moves at most this far to reach a whitespace boundary
-SCORING = ("teacher-forced: one forward pass of prompt + answer per trial; correct iff the argmax at every "
-           "answer position is the true digit (= greedy decoding's exact match)")  # fmt: skip
+SCORING = (
+    "teacher-forced: one forward pass of prompt + answer per trial; correct iff the argmax at every "
+    "answer position is the true digit (= greedy decoding's exact match)"
+)
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -143,8 +146,14 @@ def fixed_tokens(tokenizer, passkey: str = "12345") -> int:
     return sum(len(tokenizer.encode(s)) for s in (NEEDLE.format(key=passkey), QUESTION, passkey))
 
 
-def build_prompt(haystack: Sequence[int], length: int, depth: float, passkey: str, tokenizer,
-                 boundaries: Optional[_Boundaries] = None) -> Prompt:  # fmt: skip
+def build_prompt(
+    haystack: Sequence[int],
+    length: int,
+    depth: float,
+    passkey: str,
+    tokenizer,
+    boundaries: Optional[_Boundaries] = None,
+) -> Prompt:
     """A prompt of exactly ``length`` tokens: the first tokens of ``haystack`` with the needle at relative
     ``depth`` (0: before the first haystack token, 1: right before the question), the question, the answer."""
     needle = tokenizer.encode(NEEDLE.format(key=passkey))
@@ -152,8 +161,10 @@ def build_prompt(haystack: Sequence[int], length: int, depth: float, passkey: st
     n_hay = length - len(needle) - len(question) - len(answer)
     if n_hay < 1:
         need = len(needle) + len(question) + len(answer)
-        raise ConfigError(f"--lengths: {length} leaves no room for a haystack: the needle, question and answer "
-                          f"take {need} tokens; allowed lengths: >= {need + 1}")  # fmt: skip
+        raise ConfigError(
+            f"--lengths: {length} leaves no room for a haystack: the needle, question and answer "
+            f"take {need} tokens; allowed lengths: >= {need + 1}"
+        )
     if not 0 <= depth <= 1:
         raise ConfigError(f"--depths: {depth} is outside the allowed range 0..1")
     if len(haystack) < n_hay:
@@ -164,8 +175,15 @@ def build_prompt(haystack: Sequence[int], length: int, depth: float, passkey: st
     return Prompt(ids, passkey, pos, len(needle), n_hay, len(ids) - len(answer))
 
 
-def build_cells(tokens: np.ndarray, tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int,
-                seed: int, key: str = "digits") -> dict[tuple[int, float], list[Prompt]]:  # fmt: skip
+def build_cells(
+    tokens: np.ndarray,
+    tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    seed: int,
+    key: str = "digits",
+) -> dict[tuple[int, float], list[Prompt]]:
     """{(length, depth): ``trials`` prompts}. Trial t at length L takes its passkey and haystack offset (into the
     held-out ``tokens``) from a generator seeded by (seed, L, t), the same for every depth. ``key``: ``digits``
     (5 digits, as in the passkey benchmarks) or ``letters`` (5 capital letters: a model trained on text without
@@ -179,8 +197,11 @@ def build_cells(tokens: np.ndarray, tokenizer, lengths: Sequence[int], depths: S
             raise ConfigError(f"--lengths: {L} is longer than the held-out split ({len(tokens)} tokens)")
         for t in range(trials):
             rng = np.random.default_rng([seed, L, t])
-            passkey = (str(int(rng.integers(10_000, 100_000))) if key == "digits"
-                       else "".join(chr(ord("A") + int(c)) for c in rng.integers(0, 26, 5)))  # fmt: skip
+            passkey = (
+                str(int(rng.integers(10_000, 100_000)))
+                if key == "digits"
+                else "".join(chr(ord("A") + int(c)) for c in rng.integers(0, 26, 5))
+            )
             start = int(rng.integers(0, len(tokens) - L))
             haystack = tokens[start : start + L]  # more than enough: the haystack is shorter than L
             for d in depths:
@@ -283,9 +304,19 @@ def perplexity(model, tokens: np.ndarray, starts: np.ndarray, length: int, batch
     return out
 
 
-def evaluate_variant(model, cells: dict, val_tokens: np.ndarray, windows: dict[int, np.ndarray],
-                     lengths: Sequence[int], depths: Sequence[float], bytes_per_token: float, batch_tokens: int,
-                     device="cpu", desc: str = "", progress: bool = True) -> dict:  # fmt: skip
+def evaluate_variant(
+    model,
+    cells: dict,
+    val_tokens: np.ndarray,
+    windows: dict[int, np.ndarray],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    bytes_per_token: float,
+    batch_tokens: int,
+    device="cpu",
+    desc: str = "",
+    progress: bool = True,
+) -> dict:
     """Passkey matrices [depth][length] over the prompt ``cells`` and perplexity rows over the ppl ``windows``
     (``ppl_windows``) of one model."""
     model.eval()
@@ -311,8 +342,10 @@ def resolve_lengths(requested: Optional[Sequence[int]], max_seq_len: int) -> lis
     if requested:
         too_long = [L for L in requested if L > max_seq_len]
         if too_long:
-            raise ConfigError(f"--lengths: {too_long[0]} exceeds the model's max_seq_len={max_seq_len}; "
-                              f"allowed lengths: up to {max_seq_len}")  # fmt: skip
+            raise ConfigError(
+                f"--lengths: {too_long[0]} exceeds the model's max_seq_len={max_seq_len}; "
+                f"allowed lengths: up to {max_seq_len}"
+            )
         return list(dict.fromkeys(requested))
     return list(dict.fromkeys(min(L, max_seq_len) for L in DEFAULT_LENGTHS))
 
@@ -320,10 +353,21 @@ def resolve_lengths(requested: Optional[Sequence[int]], max_seq_len: int) -> lis
 Variants = Union[dict[str, list[str]], Callable[[list[int]], dict[str, list[str]]]]
 
 
-def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Variants] = None,
-           lengths: Optional[Sequence[int]] = None, depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 10,
-           seed: int = 0, ppl_tokens: int = 65536, batch_tokens: int = 32768, out_dir: Optional[str] = None,
-           arguments: Optional[dict] = None, progress: bool = True, key: str = "digits") -> dict:  # fmt: skip
+def needle(
+    target: str,
+    overrides: Sequence[str] = (),
+    variants: Optional[Variants] = None,
+    lengths: Optional[Sequence[int]] = None,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    trials: int = 10,
+    seed: int = 0,
+    ppl_tokens: int = 65536,
+    batch_tokens: int = 32768,
+    out_dir: Optional[str] = None,
+    arguments: Optional[dict] = None,
+    progress: bool = True,
+    key: str = "digits",
+) -> dict:
     """Evaluate ``target`` under each variant ({name: overrides}; default: ``dense`` only); print the tables,
     write needle.json, needle.png and ppl.png. ``variants`` may also be a function of the resolved lengths
     (``lengths -> {name: overrides}``), for defaults that depend on them (the sparse budget)."""
@@ -333,8 +377,10 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
         raise ConfigError("--ppl-tokens and --batch-tokens: must be >= 1")
     bad = [d for d in depths if not 0 <= d <= 1]
     if bad or not depths:
-        raise ConfigError(f"--depths: {bad[0] if bad else 'none given'}; allowed depths: 0..1 (0 = start of the "
-                          "haystack, 1 = right before the question)")  # fmt: skip
+        raise ConfigError(
+            f"--depths: {bad[0] if bad else 'none given'}; allowed depths: 0..1 (0 = start of the "
+            "haystack, 1 = right before the question)"
+        )
     depths = [float(d) for d in dict.fromkeys(depths)]
     base = saved_config(target)
     cfg = load_config(None, overrides, base=base)
@@ -342,8 +388,10 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
     tokenizer = build_tokenizer(cfg["data"]["tokenizer"])
     need = fixed_tokens(tokenizer)
     if min(lengths) <= need:
-        raise ConfigError(f"--lengths: {min(lengths)} leaves no room for a haystack: the needle, question and "
-                          f"answer take {need} tokens; allowed lengths: {need + 1}..{cfg['model']['max_seq_len']}")  # fmt: skip
+        raise ConfigError(
+            f"--lengths: {min(lengths)} leaves no room for a haystack: the needle, question and "
+            f"answer take {need} tokens; allowed lengths: {need + 1}..{cfg['model']['max_seq_len']}"
+        )
     if callable(variants):
         variants = variants(lengths)
     variants = dict(variants or {"dense": []})
@@ -353,8 +401,9 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
         except ConfigError as e:
             raise ConfigError(f"variant {name} ({' '.join(extra)}): {e}") from None
         if vcfg["model"]["max_seq_len"] < max(lengths):
-            raise ConfigError(f"variant {name}: max_seq_len={vcfg['model']['max_seq_len']} is shorter than "
-                              f"--lengths {max(lengths)}")  # fmt: skip
+            raise ConfigError(
+                f"variant {name}: max_seq_len={vcfg['model']['max_seq_len']} is shorter than --lengths {max(lengths)}"
+            )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir) if out_dir else run_dir_of(target) / "needle"
     data = LMDataModule(cfg, full_validation=True)
@@ -364,11 +413,14 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
     cells = build_cells(val, tokenizer, lengths, depths, trials, seed, key)
     windows = ppl_windows(len(val), lengths, ppl_tokens)
     n_ppl = len(windows[max(lengths)]) * max(lengths)
-    print(f"needle {target} on {device}: variants {', '.join(variants)}; passkey retrieval at lengths "
-          f"{' '.join(map(str, lengths))} x depths {' '.join(f'{d:g}' for d in depths)} x {trials} trials "
-          f"(seed {seed}, teacher-forced); perplexity on the same {n_ppl} tokens at every length; "
-          f"haystack and perplexity text: {source} held-out split ({len(val)} tokens)\n"
-          f"  writing {out}/ (needle.json, needle.png, ppl.png)", flush=True)  # fmt: skip
+    print(
+        f"needle {target} on {device}: variants {', '.join(variants)}; passkey retrieval at lengths "
+        f"{' '.join(map(str, lengths))} x depths {' '.join(f'{d:g}' for d in depths)} x {trials} trials "
+        f"(seed {seed}, teacher-forced); perplexity on the same {n_ppl} tokens at every length; "
+        f"haystack and perplexity text: {source} held-out split ({len(val)} tokens)\n"
+        f"  writing {out}/ (needle.json, needle.png, ppl.png)",
+        flush=True,
+    )
     results = {}
     for name, extra in variants.items():  # one model in memory at a time
         t0 = time.perf_counter()
@@ -377,42 +429,89 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
         want = _requested_mixer(extra)
         kept = [i for i, m in enumerate(layer_mixers) if want is not None and m != want]
         if kept:
-            print(f"  note: variant {name}: layers {', '.join(map(str, kept))} keep their own mixer from "
-                  f"model.layers ({', '.join(sorted({layer_mixers[i] for i in kept}))}), not {want}")  # fmt: skip
-        r = evaluate_variant(model, cells, val, windows, lengths, depths, data.bytes_per_token, batch_tokens, device,
-                             desc=name, progress=progress)  # fmt: skip
+            print(
+                f"  note: variant {name}: layers {', '.join(map(str, kept))} keep their own mixer from "
+                f"model.layers ({', '.join(sorted({layer_mixers[i] for i in kept}))}), not {want}"
+            )
+        r = evaluate_variant(
+            model,
+            cells,
+            val,
+            windows,
+            lengths,
+            depths,
+            data.bytes_per_token,
+            batch_tokens,
+            device,
+            desc=name,
+            progress=progress,
+        )
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        results[name] = {"overrides": list(extra), "layer_mixers": layer_mixers, **r,
-                         "seconds": time.perf_counter() - t0}  # fmt: skip
+        results[name] = {
+            "overrides": list(extra),
+            "layer_mixers": layer_mixers,
+            **r,
+            "seconds": time.perf_counter() - t0,
+        }
         acc = np.mean(r["passkey"]["accuracy"])
-        print(f"  {name}: mean passkey accuracy {acc:.3f}, ppl "
-              + " ".join(f"{p['ppl']:.3f}@{p['length']}" for p in r["ppl"])
-              + f" ({results[name]['seconds']:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"  {name}: mean passkey accuracy {acc:.3f}, ppl "
+            + " ".join(f"{p['ppl']:.3f}@{p['length']}" for p in r["ppl"])
+            + f" ({results[name]['seconds']:.1f} s)",
+            flush=True,
+        )
     if "dense" in results:
-        for name, r in results.items():
+        for r in results.values():
             for row, ref in zip(r["ppl"], results["dense"]["ppl"]):
                 row["ppl_ratio_vs_dense"] = row["ppl"] / ref["ppl"]
     example = cells[lengths[0], depths[len(depths) // 2]][0]
     result = {
         "checkpoint": str(target),
         "out": str(out),
-        "arguments": arguments or {"target": str(target), "overrides": list(overrides), "lengths": lengths,
-                                   "depths": depths, "trials": trials, "seed": seed, "ppl_tokens": ppl_tokens,
-                                   "batch_tokens": batch_tokens, "out": str(out)},
-        "model": {"name": cfg.get("name"), "max_seq_len": cfg["model"]["max_seq_len"],
-                  "n_layers": cfg["model"]["n_layers"], "d_model": cfg["model"]["d_model"]},
-        "data": {"source": cfg["data"]["source"], "tokenizer": cfg["data"]["tokenizer"],
-                 "validation_tokens": int(len(val)), "bytes_per_token": data.bytes_per_token},
+        "arguments": arguments
+        or {
+            "target": str(target),
+            "overrides": list(overrides),
+            "lengths": lengths,
+            "depths": depths,
+            "trials": trials,
+            "seed": seed,
+            "ppl_tokens": ppl_tokens,
+            "batch_tokens": batch_tokens,
+            "out": str(out),
+        },
+        "model": {
+            "name": cfg.get("name"),
+            "max_seq_len": cfg["model"]["max_seq_len"],
+            "n_layers": cfg["model"]["n_layers"],
+            "d_model": cfg["model"]["d_model"],
+        },
+        "data": {
+            "source": cfg["data"]["source"],
+            "tokenizer": cfg["data"]["tokenizer"],
+            "validation_tokens": int(len(val)),
+            "bytes_per_token": data.bytes_per_token,
+        },
         "scoring": SCORING,
-        "prompt": {"needle": NEEDLE, "question": QUESTION, "snap_tokens": SNAP_TOKENS,
-                   "example": {"length": lengths[0], "depth": example.depth, "passkey": example.passkey,
-                               "text": tokenizer.decode(example.ids)}},
-        "lengths": lengths, "depths": depths, "trials": trials,
+        "prompt": {
+            "needle": NEEDLE,
+            "question": QUESTION,
+            "snap_tokens": SNAP_TOKENS,
+            "example": {
+                "length": lengths[0],
+                "depth": example.depth,
+                "passkey": example.passkey,
+                "text": tokenizer.decode(example.ids),
+            },
+        },
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
         "variants": results,
-    }  # fmt: skip
+    }
     print_tables(result)
     atomic_write(out / "needle.json", lambda p: Path(p).write_text(json.dumps(result, indent=1)))
     paths = plot(result, out)
@@ -420,28 +519,62 @@ def needle(target: str, overrides: Sequence[str] = (), variants: Optional[Varian
     return result
 
 
-def needle_command(target: str, overrides: Sequence[str], variants: Sequence[str], budget: Optional[int],
-                   mixer: Sequence[str], lengths: Optional[Sequence[int]], depths: Sequence[float], trials: int,
-                   seed: int, ppl_tokens: int, batch_tokens: int, out_dir: Optional[str], key: str = "digits"
-                   ) -> dict:  # fmt: skip
+def needle_command(
+    target: str,
+    overrides: Sequence[str],
+    variants: Sequence[str],
+    budget: Optional[int],
+    mixer: Sequence[str],
+    lengths: Optional[Sequence[int]],
+    depths: Sequence[float],
+    trials: int,
+    seed: int,
+    ppl_tokens: int,
+    batch_tokens: int,
+    out_dir: Optional[str],
+    key: str = "digits",
+) -> dict:
     """The CLI entry: the named variants of ``variant_table`` at ``--budget`` (default: longest length // 4)."""
     if budget is not None and budget < 1:
         raise ConfigError(f"--budget: must be >= 1, got {budget}")
     names = list(dict.fromkeys(variants))
     variant_table(1, mixer)  # checks --mixer before the checkpoint is read
 
-    arguments = {"target": str(target), "overrides": list(overrides), "variants": names, "budget": budget,
-                 "mixer": list(mixer), "lengths": list(lengths) if lengths else None, "depths": list(depths),
-                 "trials": trials, "seed": seed, "ppl_tokens": ppl_tokens, "batch_tokens": batch_tokens,
-                 "out": out_dir, "key": key}  # fmt: skip
+    arguments = {
+        "target": str(target),
+        "overrides": list(overrides),
+        "variants": names,
+        "budget": budget,
+        "mixer": list(mixer),
+        "lengths": list(lengths) if lengths else None,
+        "depths": list(depths),
+        "trials": trials,
+        "seed": seed,
+        "ppl_tokens": ppl_tokens,
+        "batch_tokens": batch_tokens,
+        "out": out_dir,
+        "key": key,
+    }
 
     def table(resolved: list[int]) -> dict[str, list[str]]:
         arguments["budget_resolved"] = budget if budget is not None else max(1, max(resolved) // 4)
         full = variant_table(arguments["budget_resolved"], mixer)
         return {name: full[name] for name in names}
 
-    return needle(target, overrides, table, lengths, depths, trials, seed, ppl_tokens, batch_tokens, out_dir,
-                  arguments=arguments, key=key)  # fmt: skip
+    return needle(
+        target,
+        overrides,
+        table,
+        lengths,
+        depths,
+        trials,
+        seed,
+        ppl_tokens,
+        batch_tokens,
+        out_dir,
+        arguments=arguments,
+        key=key,
+    )
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -451,8 +584,10 @@ def print_tables(result: dict) -> None:
     lengths, depths, variants = result["lengths"], result["depths"], result["variants"]
     head = "| depth \\ length | " + " | ".join(str(L) for L in lengths) + " |\n|---:|" + "---:|" * len(lengths)
     for name, r in variants.items():
-        print(f"\npasskey accuracy, {name} ({' '.join(r['overrides']) or 'as saved'}; "
-              f"{result['trials']} trials per cell)\n{head}")  # fmt: skip
+        print(
+            f"\npasskey accuracy, {name} ({' '.join(r['overrides']) or 'as saved'}; "
+            f"{result['trials']} trials per cell)\n{head}"
+        )
         for i, d in enumerate(depths):
             print(f"| {d:.2f} | " + " | ".join(f"{a:.2f}" for a in r["passkey"]["accuracy"][i]) + " |")
         print(f"\nmean log-probability per answer digit (nats), {name}\n{head}")
@@ -468,8 +603,10 @@ def print_tables(result: dict) -> None:
         print(f"| {L} | " + " | ".join(cells) + " |")
     sparse = [n for n, r in variants.items() if "recall" in r["ppl"][0]]
     if sparse:
-        print("\nattention recall: share of the dense attention probability on the selected keys (mean over layers,"
-              " heads, queries)")
+        print(
+            "\nattention recall: share of the dense attention probability on the selected keys (mean over layers,"
+            " heads, queries)"
+        )
         print("| length | " + " | ".join(sparse) + " |\n|---:|" + "---:|" * len(sparse))
         for j, L in enumerate(lengths):
             print(f"| {L} | " + " | ".join(f"{variants[n]['ppl'][j]['recall']:.4f}" for n in sparse) + " |")
@@ -484,8 +621,14 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     lengths, depths, variants = result["lengths"], result["depths"], result["variants"]
     n = len(variants)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 + (0.9 * len(lengths) + 0.6) * n, 0.5 * len(depths) + 2.0),
-                             squeeze=False, sharey=True, layout="constrained")  # fmt: skip
+    fig, axes = plt.subplots(
+        1,
+        n,
+        figsize=(2.2 + (0.9 * len(lengths) + 0.6) * n, 0.5 * len(depths) + 2.0),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     for ax, (name, r) in zip(axes[0], variants.items()):
         acc = np.asarray(r["passkey"]["accuracy"])  # [depths, lengths]
         im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")

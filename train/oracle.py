@@ -21,8 +21,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,9 @@ def route_losses_naive(model, batch: torch.Tensor, routes: torch.Tensor) -> torc
     """ℓ_t(r) by one full forward pass per route: [R, B, T] for a [B, T+1] batch and routes [R, L]."""
     ids, targets = batch[:, :-1], batch[:, 1:]
     routes = routes.to(batch.device)
-    return torch.stack([token_losses(model(ids, routes=r[:, None, None].expand(-1, *ids.shape)), targets)
-                        for r in routes])  # fmt: skip
+    return torch.stack(
+        [token_losses(model(ids, routes=r[:, None, None].expand(-1, *ids.shape)), targets) for r in routes]
+    )
 
 
 @torch.no_grad()
@@ -75,16 +77,18 @@ def route_losses(model, batch: torch.Tensor, routes: torch.Tensor, chunk: int = 
     states = model.tok_emb(ids)[None]  # [1, B, T, D]: the empty prefix
     parent = torch.zeros(len(routes), dtype=torch.long, device=batch.device)  # [R] each route's prefix in `states`
     for j, block in enumerate(model.blocks):
-        mid = _chunked(lambda s: block.attend(s.flatten(0, 1)).view_as(s), states, chunk)  # [P_j, B, T, D]
+        mid = _chunked(lambda s, block=block: block.attend(s.flatten(0, 1)).view_as(s), states, chunk)  # [P_j, B, T, D]
         # distinct children (prefix, choice at layer j) and each route's child
         children, child_of_route = torch.unique(torch.stack([parent, routes[:, j]], 1), dim=0, return_inverse=True)
         new_states = mid.new_empty(len(children), *mid.shape[1:])  # [P_{j+1}, B, T, D]
         for choice in children[:, 1].unique().tolist():
             sel = (children[:, 1] == choice).nonzero().squeeze(1)  # children taking `choice` at layer j
             x = mid[children[sel, 0]]  # [n, B, T, D]
+
             def ffn(s: torch.Tensor, block=block, choice=choice) -> torch.Tensor:  # [n, B, T, D], all on `choice`
                 route = torch.full((s.shape[0] * B, T), choice, device=s.device)  # [n*B, T]
                 return block.feed_forward(s.flatten(0, 1), route=route).view_as(s)
+
             new_states[sel] = _chunked(ffn, x, chunk)
         states, parent = new_states, child_of_route
     logits = lambda s: model.head(model.norm_f(s))  # noqa: E731
@@ -97,8 +101,9 @@ def best_of_random(losses: torch.Tensor, n_draws: int = 100, seed: int = 0) -> f
     (``losses`` [R, N]); the paper's best-of-100 random baseline."""
     g = torch.Generator().manual_seed(seed)
     cols = torch.arange(losses.shape[1])
-    return min(losses[torch.randint(len(losses), (losses.shape[1],), generator=g), cols].mean().item()
-               for _ in range(n_draws))  # fmt: skip
+    return min(
+        losses[torch.randint(len(losses), (losses.shape[1],), generator=g), cols].mean().item() for _ in range(n_draws)
+    )
 
 
 def summarise(losses: torch.Tensor, routes: torch.Tensor, budgets: list[int]) -> list[dict]:
@@ -112,13 +117,17 @@ def summarise(losses: torch.Tensor, routes: torch.Tensor, budgets: list[int]) ->
         mean = lk.mean(1)  # [R_k]
         best_per_token = lk.argmin(0)  # [N]
         oracle_routes = routes[sel][best_per_token]  # [N, L]
-        rows.append({
-            "budget": k, "n_routes": len(sel),
-            "fixed_loss": mean.min().item(), "fixed_route": routes[sel[mean.argmin()]].tolist(),
-            "random100_loss": best_of_random(lk, seed=k),
-            "oracle_loss": lk.min(0).values.mean().item(),
-            "oracle_big_fraction": (oracle_routes == BIG).float().mean(0).tolist(),  # [L]
-        })  # fmt: skip
+        rows.append(
+            {
+                "budget": k,
+                "n_routes": len(sel),
+                "fixed_loss": mean.min().item(),
+                "fixed_route": routes[sel[mean.argmin()]].tolist(),
+                "random100_loss": best_of_random(lk, seed=k),
+                "oracle_loss": lk.min(0).values.mean().item(),
+                "oracle_big_fraction": (oracle_routes == BIG).float().mean(0).tolist(),  # [L]
+            }
+        )
     return rows
 
 
@@ -142,15 +151,22 @@ def plot(result: dict, out: Path) -> list[Path]:
     rows, L = result["per_budget"], result["n_layers"]
     ks = [r["budget"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, label, style in (("oracle_loss", "oracle (per token)", "o-"), ("fixed_loss", "best fixed route", "s-"),
-                              ("random100_loss", "best of 100 random", "^-")):  # fmt: skip
+    for key, label, style in (
+        ("oracle_loss", "oracle (per token)", "o-"),
+        ("fixed_loss", "best fixed route", "s-"),
+        ("random100_loss", "best of 100 random", "^-"),
+    ):
         ax.plot(ks, [math.exp(r[key]) for r in rows], style, label=label)
     ax.axhline(result["all_small_ppl"], color="gray", ls=":", label="all small")
     ax.axhline(result["all_big_ppl"], color="k", ls="--", label="all big")
     if result["router"]:
         ax.plot([result["router"]["mean_big_layers"]], [result["router"]["ppl"]], "r*", ms=14, label="router")
-    ax.set(xlabel=f"budget: big layers of {L}", ylabel="perplexity (held-out, log scale)", yscale="log",
-           title=f"Duo routing oracles ({result['route_space']})")  # fmt: skip
+    ax.set(
+        xlabel=f"budget: big layers of {L}",
+        ylabel="perplexity (held-out, log scale)",
+        yscale="log",
+        title=f"Duo routing oracles ({result['route_space']})",
+    )
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.legend(fontsize=8)
@@ -159,8 +175,15 @@ def plot(result: dict, out: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=120)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     heat = torch.tensor([r["oracle_big_fraction"] for r in rows]).T.numpy()  # [L, budgets]
-    im = ax.imshow(heat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                   extent=(ks[0] - 0.5, ks[-1] + 0.5, -0.5, L - 0.5))  # fmt: skip
+    im = ax.imshow(
+        heat,
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        extent=(ks[0] - 0.5, ks[-1] + 0.5, -0.5, L - 0.5),
+    )
     ax.set(xlabel="budget K (big layers)", ylabel="layer", title="how often the oracle routes a token big")
     fig.colorbar(im, ax=ax, label="fraction of tokens")
     fig.tight_layout()
@@ -171,8 +194,16 @@ def plot(result: dict, out: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: bool = False, batches: int = 8,
-           out_dir: Optional[str] = None, chunk: int = 16, n_difficult: int = 12) -> dict:  # fmt: skip
+def oracle(
+    target: str,
+    overrides=(),
+    budget: Optional[int] = None,
+    with_skip: bool = False,
+    batches: int = 8,
+    out_dir: Optional[str] = None,
+    chunk: int = 16,
+    n_difficult: int = 12,
+) -> dict:
     """Run the oracle study on a duo checkpoint; print the table, write oracle.json and two PNGs."""
     from .data import build_tokenizer
 
@@ -193,10 +224,13 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     data.setup()
     windows = [w.to(device) for w in itertools.islice(iter(data.val_dataloader()), batches)]  # [B, T+1] each
     n_tok = sum(w[:, 1:].numel() for w in windows)
-    print(f"oracle {target} on {device}: {L} layers, {space} routes ({len(routes)} routes, "
-          f"budgets {budgets[0]}-{budgets[-1]}), "
-          f"{len(windows)} held-out batches = {n_tok} tokens; prefix-sharing route tree, {chunk} prefixes per call\n"
-          f"  writing {out}/ (oracle.json, ppl_vs_budget.png, oracle_big_heatmap.png)", flush=True)  # fmt: skip
+    print(
+        f"oracle {target} on {device}: {L} layers, {space} routes ({len(routes)} routes, "
+        f"budgets {budgets[0]}-{budgets[-1]}), "
+        f"{len(windows)} held-out batches = {n_tok} tokens; prefix-sharing route tree, {chunk} prefixes per call\n"
+        f"  writing {out}/ (oracle.json, ppl_vs_budget.png, oracle_big_heatmap.png)",
+        flush=True,
+    )
     has_router = all(m.routing == "router" for m in duo)
     all_small, all_big = route_space(L, SMALL, 0), route_space(L, SMALL, L)  # [1, L] each
     losses, small, big, router, router_big = [], [], [], [], []
@@ -210,12 +244,21 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
         print(f"  batch {i + 1}/{len(windows)}", flush=True)
     losses, small, big = torch.cat(losses, 1).cpu(), torch.cat(small).cpu(), torch.cat(big).cpu()  # [R, N], [N], [N]
     result = {
-        "checkpoint": str(target), "route_space": space, "n_layers": L, "tokens": n_tok, "n_routes": len(routes),
-        "all_small_ppl": math.exp(small.mean().item()), "all_big_ppl": math.exp(big.mean().item()),
+        "checkpoint": str(target),
+        "route_space": space,
+        "n_layers": L,
+        "tokens": n_tok,
+        "n_routes": len(routes),
+        "all_small_ppl": math.exp(small.mean().item()),
+        "all_big_ppl": math.exp(big.mean().item()),
         "per_budget": summarise(losses, routes, budgets),
-        "router": {"ppl": math.exp(torch.cat(router).mean().item()),
-                   "mean_big_layers": sum(router_big) / len(router_big)} if has_router else None,
-    }  # fmt: skip
+        "router": {
+            "ppl": math.exp(torch.cat(router).mean().item()),
+            "mean_big_layers": sum(router_big) / len(router_big),
+        }
+        if has_router
+        else None,
+    }
     for r in result["per_budget"]:
         r.update({k.replace("_loss", "_ppl"): math.exp(r[k]) for k in ("fixed_loss", "random100_loss", "oracle_loss")})
 
@@ -226,26 +269,38 @@ def oracle(target: str, overrides=(), budget: Optional[int] = None, with_skip: b
     T = windows[0].shape[1] - 1
     flat_windows = torch.cat(windows).cpu()  # [n_windows, T+1]
     result["difficult_tokens"] = [
-        {"difficulty": difficulty[n].item(), "loss_all_small": small[n].item(), "loss_oracle": oracle_loss[n].item(),
-         "oracle_route": route_str(routes[losses[:, n].argmin()].tolist()),
-         "in_context": show_in_context(tok, flat_windows[n // T], n % T)}
+        {
+            "difficulty": difficulty[n].item(),
+            "loss_all_small": small[n].item(),
+            "loss_oracle": oracle_loss[n].item(),
+            "oracle_route": route_str(routes[losses[:, n].argmin()].tolist()),
+            "in_context": show_in_context(tok, flat_windows[n // T], n % T),
+        }
         for n in difficulty.topk(min(n_difficult, len(difficulty))).indices.tolist()
-    ]  # fmt: skip
+    ]
 
     # report
-    print(f"\nall small: ppl {result['all_small_ppl']:.3f} | all big: ppl {result['all_big_ppl']:.3f}"
-          + (f" | router: ppl {result['router']['ppl']:.3f} at {result['router']['mean_big_layers']:.2f} big layers "
-             "on average" if has_router else ""))  # fmt: skip
-    print(f"\n| big layers K | routes | best fixed (route) | best of 100 random | oracle |\n|---:|---:|---|---:|---:|")
+    print(
+        f"\nall small: ppl {result['all_small_ppl']:.3f} | all big: ppl {result['all_big_ppl']:.3f}"
+        + (
+            f" | router: ppl {result['router']['ppl']:.3f} at {result['router']['mean_big_layers']:.2f} big layers "
+            "on average"
+            if has_router
+            else ""
+        )
+    )
+    print("\n| big layers K | routes | best fixed (route) | best of 100 random | oracle |\n|---:|---:|---|---:|---:|")
     for r in result["per_budget"]:
-        print(f"| {r['budget']} | {r['n_routes']} | {r['fixed_ppl']:.3f} ({route_str(r['fixed_route'])}) | "
-              f"{r['random100_ppl']:.3f} | {r['oracle_ppl']:.3f} |")  # fmt: skip
+        print(
+            f"| {r['budget']} | {r['n_routes']} | {r['fixed_ppl']:.3f} ({route_str(r['fixed_route'])}) | "
+            f"{r['random100_ppl']:.3f} | {r['oracle_ppl']:.3f} |"
+        )
     print("\n(routes: layer 0 first; s = small, S = skip, B = big)")
     print("\noracle: fraction of tokens routed big, layer x budget")
     print("layer " + " ".join(f"K={r['budget']:<3}" for r in result["per_budget"]))
     for j in range(L):
         print(f"{j:>5} " + " ".join(f"{r['oracle_big_fraction'][j]:5.2f}" for r in result["per_budget"]))
-    print(f"\nmost difficult tokens (loss all-small - loss oracle), target in [[ ]]:")
+    print("\nmost difficult tokens (loss all-small - loss oracle), target in [[ ]]:")
     for d in result["difficult_tokens"]:
         print(f"  {d['difficulty']:6.2f}  {d['oracle_route']}  …{d['in_context']}")
     out.mkdir(parents=True, exist_ok=True)

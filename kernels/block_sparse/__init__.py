@@ -57,8 +57,12 @@ def block_sparse_attention(
     key_ok = torch.arange(nkb * bs, device=q.device) < Tk
     key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
     scale = hd**-0.5 if scale is None else scale
-    if Hs == 1 and qbs > 1 and q.device.type != "meta" and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):  # fmt: skip
+    if (
+        Hs == 1
+        and qbs > 1
+        and q.device.type != "meta"
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    ):
         return _shared_selection(q, k, v, kv_blocks[:, 0], bs, qbs, causal, token_mask, key_ok, scale)
     if H != Hkv:
         k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
@@ -77,15 +81,30 @@ def block_sparse_attention(
     if qbs == 1 and q.device.type != "meta":  # per-query selections: group queries by key block (the meta
         # device, used for FLOP counting, cannot run its data-dependent grouping and takes the chunked path)
         ok = slot_ok if token_mask is None else slot_ok & token_mask.view(N, nqb, S)
-        out = per_query_attention(blocks(q, nqb, 1).view(N, Tq, hd), blocks(k, nkb, bs), blocks(v, nkb, bs),
-                                  torch.where(ok, idx, -1), key_ok, causal, scale)  # fmt: skip
+        out = per_query_attention(
+            blocks(q, nqb, 1).view(N, Tq, hd),
+            blocks(k, nkb, bs),
+            blocks(v, nkb, bs),
+            torch.where(ok, idx, -1),
+            key_ok,
+            causal,
+            scale,
+        )
         return out.view(B, H, Tq, hd).transpose(1, 2)
     chunk = max(1, nkb // max(2 * S, 1))  # query blocks per chunk: gathered keys ~ Tk / 2
     # the Triton kernel (CUDA) will dispatch here; the PyTorch implementation runs everywhere
     out = BlockSparseAttention.apply(
-        blocks(q, nqb, qbs), blocks(k, nkb, bs), blocks(v, nkb, bs), idx, slot_ok, token_mask, key_ok,
-        causal, scale, chunk,
-    )  # fmt: skip  # [N, nqb, qbs, hd]
+        blocks(q, nqb, qbs),
+        blocks(k, nkb, bs),
+        blocks(v, nkb, bs),
+        idx,
+        slot_ok,
+        token_mask,
+        key_ok,
+        causal,
+        scale,
+        chunk,
+    )  # [N, nqb, qbs, hd]
     return out.view(B, H, nqb * qbs, hd)[:, :, :Tq].transpose(1, 2)
 
 
@@ -102,9 +121,17 @@ def _shared_selection(q, k, v, idx, bs, qbs, causal, token_mask, key_ok, scale):
     if token_mask is not None:
         token_mask = F.pad(token_mask[:, 0], (0, 0, 0, nqb * qbs - Tq)).view(B, nqb, qbs, S)
     out = shared_selection_attention(
-        pad(q, nqb, qbs), pad(k, nkb, bs), pad(v, nkb, bs), idx.clamp_min(0), idx >= 0, token_mask,
-        key_ok.view(B, nkb, bs), causal, scale, max(1, nkb // max(8 * S, 1)),  # gathered keys ~ Tk / 8
-    )  # fmt: skip  # [B, nqb, qbs, H, hd]
+        pad(q, nqb, qbs),
+        pad(k, nkb, bs),
+        pad(v, nkb, bs),
+        idx.clamp_min(0),
+        idx >= 0,
+        token_mask,
+        key_ok.view(B, nkb, bs),
+        causal,
+        scale,
+        max(1, nkb // max(8 * S, 1)),  # gathered keys ~ Tk / 8
+    )  # [B, nqb, qbs, H, hd]
     return out.view(B, nqb * qbs, H, hd)[:, :Tq]
 
 

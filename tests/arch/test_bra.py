@@ -82,12 +82,26 @@ def test_2d_bad_topk_is_config_error():
 
 def lm(**mixer):
     torch.manual_seed(0)
-    return arch.build_model({"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
-                             "mixer": {"type": "bra", **mixer}}).eval()  # fmt: skip
+    return arch.build_model(
+        {
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "max_seq_len": 64,
+            "mixer": {"type": "bra", **mixer},
+        }
+    ).eval()
 
 
-@pytest.mark.parametrize("mixer", [{"region_size": 8, "topk": 7}, {"region_size": 8, "topk": "all"},
-                                   {"region_size": 16, "topk": 3, "query_block": 4}])  # fmt: skip
+@pytest.mark.parametrize(
+    "mixer",
+    [
+        {"region_size": 8, "topk": 7},
+        {"region_size": 8, "topk": "all"},
+        {"region_size": 16, "topk": 3, "query_block": 4},
+    ],
+)
 def test_1d_topk_covering_the_past_is_dense_causal_attention(mixer):
     model = lm(**mixer)
     dense = arch.build_model({**model.config, "mixer": {"type": "dense"}}).eval()
@@ -104,8 +118,10 @@ def brute_force_mask(q, k, region_size, topk, attend_first):
     for b in range(B):
         for t in range(T):
             r_t = t // region_size
-            scores = [(q[b, t].flatten() @ k[b, r * region_size:(r + 1) * region_size].flatten(1).mean(0)).item()
-                      for r in range(r_t)]  # fmt: skip
+            scores = [
+                (q[b, t].flatten() @ k[b, r * region_size : (r + 1) * region_size].flatten(1).mean(0)).item()
+                for r in range(r_t)
+            ]
             chosen = sorted(range(r_t), key=lambda r: -scores[r])[:topk] + [r_t] + ([0] if attend_first else [])
             for r in chosen:
                 mask[b, :, t, r * region_size : min((r + 1) * region_size, t + 1)] = True

@@ -73,7 +73,11 @@ def test_per_layer_overrides_merge_or_replace(identity_ffn):
     model = arch.build_model(
         cfg(
             ffn={"type": "mlp", "activation": "gelu", "d_ff": 48},
-            layers={"0-1": {"ffn": {"d_ff": 64}}, "3": {"ffn": {"type": "test_identity", "scale": 2}}, "1": {"ffn": {"activation": "swiglu"}}},
+            layers={
+                "0-1": {"ffn": {"d_ff": 64}},
+                "3": {"ffn": {"type": "test_identity", "scale": 2}},
+                "1": {"ffn": {"activation": "swiglu"}},
+            },
         )
     )
     rows = model.layer_table()

@@ -23,8 +23,12 @@ def lm(mixer, T=70, kv=2, seed=0, layers=2):
 
 def swapped(dense, **mixer):
     """The dense model's weights in a DHSA model (what `model.mixer.type=dhsa` does to a checkpoint)."""
-    m = lm({"type": "dhsa", **SMALL, **mixer}, T=dense.max_seq_len, kv=dense.blocks[0].mixer.n_kv_heads,
-           layers=len(dense.blocks))
+    m = lm(
+        {"type": "dhsa", **SMALL, **mixer},
+        T=dense.max_seq_len,
+        kv=dense.blocks[0].mixer.n_kv_heads,
+        layers=len(dense.blocks),
+    )
     m.load_state_dict(dense.state_dict())  # strict: the learned chunker keeps its own predictor weights
     return m
 
@@ -42,8 +46,10 @@ def test_budget_covering_the_context_is_dense_attention(mode, chunker):
         g = torch.randn(2, T, 256)
         params = dict(m.named_parameters())
         names = [n for n, _ in dense.named_parameters()]  # the learned chunker's predictor gets no gradient
-        for a, b in zip(torch.autograd.grad(m(x), [params[n] for n in names], g),
-                        torch.autograd.grad(dense(x), list(dense.parameters()), g)):  # fmt: skip
+        for a, b in zip(
+            torch.autograd.grad(m(x), [params[n] for n in names], g),
+            torch.autograd.grad(dense(x), list(dense.parameters()), g),
+        ):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -175,8 +181,9 @@ def test_sparse_attention_matches_a_dense_masked_reference_with_gradients():
         for i in range(T):
             keys = sel[b, i // 8]
             mask[b, i, keys[(keys >= 0) & (keys <= i)]] = True
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None], enable_gqa=True).transpose(1, 2)  # fmt: skip
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], enable_gqa=True
+    ).transpose(1, 2)
     out = mixer.attend(q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # inference: the forward-only path of the core
@@ -217,10 +224,16 @@ def test_boundary_predictor_shapes_and_locality():
     torch.testing.assert_close(bp(k2)[:, :17], logits[:, :17])
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"budget": 0}, "budget"), ({"query_block": 0}, "query_block"), ({"chunker": "kmeans"}, "chunker"),
-    ({"predictor": "x.safetensors"}, "predictor"), ({"mode": "decode"}, "mode"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"budget": 0}, "budget"),
+        ({"query_block": 0}, "query_block"),
+        ({"chunker": "kmeans"}, "chunker"),
+        ({"predictor": "x.safetensors"}, "predictor"),
+        ({"mode": "decode"}, "mode"),
+    ],
+)
 def test_config_errors(bad, match):
     with pytest.raises(arch.ConfigError, match=match):
         lm({"type": "dhsa", **bad})
@@ -235,8 +248,11 @@ def test_missing_predictor_file_is_a_config_error(tmp_path):
 def test_sampling_with_the_decoding_cache_gives_the_same_tokens(mixer):
     from train.generate import generate
 
-    spec = {"dense": "dense", "bra": {"type": "bra", "region_size": 8, "topk": 1},  # bra: no step, re-runs
-            "dhsa": {"type": "dhsa", **SMALL, "budget": 12}}[mixer]  # fmt: skip
+    spec = {
+        "dense": "dense",
+        "bra": {"type": "bra", "region_size": 8, "topk": 1},  # bra: no step, re-runs
+        "dhsa": {"type": "dhsa", **SMALL, "budget": 12},
+    }[mixer]
     m = lm(spec, T=40)
     prompt = torch.randint(0, 256, (5,)).tolist()
     fast = generate(m, prompt, 50, temperature=1.0, seed=1)  # crosses max_seq_len: the cache is dropped at 40

@@ -13,9 +13,19 @@ from ..conftest import assert_causal
 
 
 def ctx(n_layers=2, layer_idx=0, d=32):
-    return LayerContext(d_model=d, n_heads=2, n_kv_heads=2, max_seq_len=16, n_layers=n_layers, layer_idx=layer_idx,
-                        proj={"type": "linear"}, norm={"type": "rmsnorm"}, rope_theta=1e4, rope_fraction=1.0,
-                        init_std=0.02)  # fmt: skip
+    return LayerContext(
+        d_model=d,
+        n_heads=2,
+        n_kv_heads=2,
+        max_seq_len=16,
+        n_layers=n_layers,
+        layer_idx=layer_idx,
+        proj={"type": "linear"},
+        norm={"type": "rmsnorm"},
+        rope_theta=1e4,
+        rope_fraction=1.0,
+        init_std=0.02,
+    )
 
 
 def duo(**kw):
@@ -126,8 +136,9 @@ MODES = {
 
 def make_lm(**ffn):
     torch.manual_seed(0)
-    return arch.build_model({"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 24,
-                             "ffn": {"type": "duo", "d_ff": 64, **ffn}})  # fmt: skip
+    return arch.build_model(
+        {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 24, "ffn": {"type": "duo", "d_ff": 64, **ffn}}
+    )
 
 
 @pytest.mark.parametrize("mode", [*MODES, "forced"])

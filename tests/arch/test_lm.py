@@ -11,13 +11,19 @@ from ..conftest import assert_causal
 
 VARIANTS = {
     "swiglu-rms": {},
-    "gelu-layernorm-untied": {"ffn": {"type": "mlp", "activation": "gelu"}, "norm": "layernorm", "tie_embeddings": False},
+    "gelu-layernorm-untied": {
+        "ffn": {"type": "mlp", "activation": "gelu"},
+        "norm": "layernorm",
+        "tie_embeddings": False,
+    },
     "gqa-partial-rope-np-ln": {"n_kv_heads": 1, "rope_fraction": 0.25, "norm": "layernorm_np"},
     "mixed-layers": {"layers": {"1": {"ffn": {"type": "mlp", "activation": "gelu", "d_ff": 40}}}},
     "bra": {"mixer": {"type": "bra", "region_size": 4, "topk": 2}},
     "bra-per-query": {"mixer": {"type": "bra", "region_size": 4, "topk": 2, "query_block": 1}},
-    "bra-gqa-first-qblock": {"n_kv_heads": 2, "mixer": {"type": "bra", "region_size": 4, "topk": 1,
-                                                        "attend_first": True, "query_block": 2}},
+    "bra-gqa-first-qblock": {
+        "n_kv_heads": 2,
+        "mixer": {"type": "bra", "region_size": 4, "topk": 1, "attend_first": True, "query_block": 2},
+    },
 }
 
 
@@ -50,7 +56,10 @@ def test_attention_matches_explicit_softmax_with_gqa():
 def test_rope_scores_depend_only_on_relative_position(fraction):
     rope = RotaryEmbedding(16, 64, fraction=fraction).double()
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+    q, k = (
+        torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64),
+    )
     score = lambda i, j: (rope(q, offset=i) * rope(k, offset=j)).sum()  # noqa: E731
     torch.testing.assert_close(score(5, 2), score(40, 37))
     assert not torch.allclose(score(5, 2), score(5, 3))

@@ -51,8 +51,9 @@ def test_zero_rows_give_zero_output_and_finite_gradients():
 def test_init_follows_reference_code():
     torch.manual_seed(0)
     L, d = 6, 256
-    m = arch.build_model({"d_model": d, "n_layers": L, "n_heads": 4, "max_seq_len": 8,
-                          "proj": "pattention", "ffn": "pattention"})  # fmt: skip
+    m = arch.build_model(
+        {"d_model": d, "n_layers": L, "n_heads": 4, "max_seq_len": 8, "proj": "pattention", "ffn": "pattention"}
+    )
     ffn = m.blocks[0].ffn
     assert ffn.key.shape == (4 * d, d) and m.blocks[0].mixer.q.key.shape == (d, d)  # default slots: d, 4d
     assert ffn.key.std().item() == pytest.approx(0.02, rel=0.05)
@@ -60,9 +61,17 @@ def test_init_follows_reference_code():
     assert float(ffn.tau) == pytest.approx(math.sqrt(4 * d))
 
 
-TF = {"d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 24, "norm": "layernorm_np", "final_norm": "layernorm",
-      "proj": {"type": "pattention", "qkv_tokens": 12, "proj_tokens": 20}, "ffn": {"type": "pattention", "n_tokens": 40},
-      "rope_fraction": 0.25}  # fmt: skip
+TF = {
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "max_seq_len": 24,
+    "norm": "layernorm_np",
+    "final_norm": "layernorm",
+    "proj": {"type": "pattention", "qkv_tokens": 12, "proj_tokens": 20},
+    "ffn": {"type": "pattention", "n_tokens": 40},
+    "rope_fraction": 0.25,
+}
 
 
 def tokenformer(**kw):

@@ -45,8 +45,9 @@ def test_matches_dense_mask_reference(case):
     sel = random_selection(g, B, Hs, nqb, nkb, S, causal, qb, bs)
     tm = torch.rand(B, Hs, T, S, generator=g) < 0.7 if use_tm else None
     km = torch.rand(B, T, generator=g) < 0.8 if use_km else None
-    out = block_sparse_attention(q, k, v, sel, block_size=bs, q_block_size=qbs, causal=causal, token_mask=tm,
-                                 key_mask=km, scale=0.3)  # fmt: skip
+    out = block_sparse_attention(
+        q, k, v, sel, block_size=bs, q_block_size=qbs, causal=causal, token_mask=tm, key_mask=km, scale=0.3
+    )
     mask = dense_mask(sel, T, T, H, bs, qb, causal, tm, km)
     assert mask.any(-1).float().mean() > 0.5  # most queries see something: the test is not vacuous
     rep = H // Hkv
@@ -56,11 +57,12 @@ def test_matches_dense_mask_reference(case):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     for name, a, b in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"d{name}: {m}")
     if Hs == 1:  # the forward-only path for a selection shared by all heads (inference)
         with torch.no_grad():
-            out = block_sparse_attention(q, k, v, sel, block_size=bs, q_block_size=qbs, causal=causal, token_mask=tm,
-                                         key_mask=km, scale=0.3)  # fmt: skip
+            out = block_sparse_attention(
+                q, k, v, sel, block_size=bs, q_block_size=qbs, causal=causal, token_mask=tm, key_mask=km, scale=0.3
+            )
         torch.testing.assert_close(out, ref.detach())
 
 

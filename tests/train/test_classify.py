@@ -17,11 +17,22 @@ DIGITS = str(CONFIGS / "biformer-tiny-digits.yaml")
 
 
 def micro(tmp_path, **extra):
-    base = {"model.depths": "[1,1,1,1]", "model.dims": "[16,16,32,32]", "model.head_dim": 8,
-            "model.image_size": 16, "data.source.image_size": 16, "data.source.val_fraction": 0.1,
-            "data.batch_size": 16, "trainer.max_steps": 3, "trainer.log_every": 1, "trainer.val_every": 3,
-            "trainer.ckpt_every": 3, "trainer.out_dir": str(tmp_path / "runs"), "trainer.progress_bar": False,
-            "optim.warmup_steps": 1}  # fmt: skip
+    base = {
+        "model.depths": "[1,1,1,1]",
+        "model.dims": "[16,16,32,32]",
+        "model.head_dim": 8,
+        "model.image_size": 16,
+        "data.source.image_size": 16,
+        "data.source.val_fraction": 0.1,
+        "data.batch_size": 16,
+        "trainer.max_steps": 3,
+        "trainer.log_every": 1,
+        "trainer.val_every": 3,
+        "trainer.ckpt_every": 3,
+        "trainer.out_dir": str(tmp_path / "runs"),
+        "trainer.progress_bar": False,
+        "optim.warmup_steps": 1,
+    }
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
 

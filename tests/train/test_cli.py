@@ -22,8 +22,14 @@ def test_info_prints_table_params_and_flops(capsys):
 
 
 def test_flops_per_token_match_the_matmul_count():
-    cfg = {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 16, "vocab_size": 256,
-           "ffn": {"type": "mlp", "activation": "gelu", "d_ff": 256}}  # fmt: skip
+    cfg = {
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "max_seq_len": 16,
+        "vocab_size": 256,
+        "ffn": {"type": "mlp", "activation": "gelu", "d_ff": 256},
+    }
     d, f, T, V, L = 64, 256, 16, 256, 2
     per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * T * d  # projections + MLP + (QK^T, AV) at full TxT
     assert forward_flops_per_token(cfg) == L * per_layer + 2 * d * V

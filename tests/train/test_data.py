@@ -10,16 +10,25 @@ import torch
 from arch.registry import ConfigError
 from train.config import load_config
 from train.data import (
-    SHAKESPEARE_VAL, ByteTokenizer, JSONTokenizer, LMDataModule, ShakespeareSource, TrainWindows, ValWindows,
+    SHAKESPEARE_VAL,
+    ByteTokenizer,
+    JSONTokenizer,
+    LMDataModule,
+    ShakespeareSource,
+    TrainWindows,
+    ValWindows,
     load_tokens,
-)  # fmt: skip
+)
 
 from ..conftest import CONFIGS
 
 
 def data_cfg(cache_dir, **source):
-    return {"source": {"type": "shakespeare", **source} if "type" not in source else source, "tokenizer": "byte",
-            "cache_dir": str(cache_dir)}  # fmt: skip
+    return {
+        "source": {"type": "shakespeare", **source} if "type" not in source else source,
+        "tokenizer": "byte",
+        "cache_dir": str(cache_dir),
+    }
 
 
 def test_shakespeare_validation_is_whole_held_out_plays():
@@ -81,8 +90,11 @@ def test_val_windows_cover_split_evenly():
 def test_text_source_holds_out_tail_when_no_val_files(tmp_path, cache_dir):
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 50)
-    cfg = {"source": {"type": "text", "paths": [str(tmp_path / "*.txt")], "val_paths": [], "val_fraction": 0.1},
-           "tokenizer": "byte", "cache_dir": str(cache_dir)}  # fmt: skip
+    cfg = {
+        "source": {"type": "text", "paths": [str(tmp_path / "*.txt")], "val_paths": [], "val_fraction": 0.1},
+        "tokenizer": "byte",
+        "cache_dir": str(cache_dir),
+    }
     s = load_tokens(cfg, ByteTokenizer())
     n_tr, n_val = len(s["train"]["tokens"]), len(s["validation"]["tokens"])
     assert n_val == pytest.approx(0.1 * (n_tr + n_val), abs=2)
@@ -95,10 +107,21 @@ def test_text_source_holds_out_tail_when_no_val_files(tmp_path, cache_dir):
 def test_hf_source_with_local_json_builder(tmp_path, cache_dir, streaming):
     rows = [{"body": f"line {i} of the corpus"} for i in range(200)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    src = {"type": "hf", "name": "json", "data_files": str(tmp_path / "d.jsonl"), "text_field": "body",
-           "streaming": streaming, "max_tokens": 2000, "val_fraction": 0.25, "config_name": None, "split": "train",
-           "val_split": None}  # fmt: skip
-    s = load_tokens({"source": src, "tokenizer": "byte", "cache_dir": str(cache_dir / f"hf{streaming}")}, ByteTokenizer())
+    src = {
+        "type": "hf",
+        "name": "json",
+        "data_files": str(tmp_path / "d.jsonl"),
+        "text_field": "body",
+        "streaming": streaming,
+        "max_tokens": 2000,
+        "val_fraction": 0.25,
+        "config_name": None,
+        "split": "train",
+        "val_split": None,
+    }
+    s = load_tokens(
+        {"source": src, "tokenizer": "byte", "cache_dir": str(cache_dir / f"hf{streaming}")}, ByteTokenizer()
+    )
     assert len(s["train"]["tokens"]) == 1500 and len(s["validation"]["tokens"]) == 500
     assert bytes(s["train"]["tokens"][:6].astype(np.uint8)) == b"line 0"
     bad = {**src, "text_field": "text"}
@@ -112,13 +135,17 @@ def test_json_tokenizer_option(tmp_path, cache_dir):
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["to be or not to be that is the question"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "<|endoftext|>"]))  # fmt: skip
+    tok.train_from_iterator(
+        ["to be or not to be that is the question"] * 20,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "<|endoftext|>"]),
+    )
     tok.save(str(tmp_path / "tok.json"))
     jt = JSONTokenizer(str(tmp_path / "tok.json"))
     assert jt.eos_id == 1 and jt.vocab_size <= 300
     assert jt.decode(jt.encode("to be or not")).strip() == "to be or not"
-    cfg = load_config(CONFIGS / "gpt-tiny.yaml", [f"data.tokenizer={tmp_path / 'tok.json'}", f"data.cache_dir={cache_dir}"])
+    cfg = load_config(
+        CONFIGS / "gpt-tiny.yaml", [f"data.tokenizer={tmp_path / 'tok.json'}", f"data.cache_dir={cache_dir}"]
+    )
     small = {**cfg, "model": {**cfg["model"], "vocab_size": jt.vocab_size - 1}}
     with pytest.raises(ConfigError, match=f"model.vocab_size: {jt.vocab_size - 1} is smaller"):
         LMDataModule(small)

@@ -13,8 +13,14 @@ from arch.attention import causal_attention
 from arch.dhsa import DHSA, BoundaryPredictor, load_predictor
 from train.checkpoint import load_trained
 from train.cli import main
-from train.dhsa_boundaries import (IGNORE, attention_probs, boundary_labels, dhsa_boundaries, focal_loss,
-                                   train_predictors)  # fmt: skip
+from train.dhsa_boundaries import (
+    IGNORE,
+    attention_probs,
+    boundary_labels,
+    dhsa_boundaries,
+    focal_loss,
+    train_predictors,
+)
 
 from ..conftest import CONFIGS, micro_overrides
 
@@ -57,8 +63,9 @@ def test_attention_probs_are_the_head_mean_of_dense_causal_attention():
     torch.testing.assert_close(A.sum(-1), torch.ones(2, 12, dtype=torch.float64))
     assert (A.triu(1) == 0).all()
     v2 = v.expand(-1, -1, 2, -1)  # the same values in both kv heads: head-mean of outputs = A @ v
-    torch.testing.assert_close(torch.einsum("bij,bjd->bid", A.float(), v[:, :, 0]),
-                               causal_attention(q, k, v2).mean(2), atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.einsum("bij,bjd->bid", A.float(), v[:, :, 0]), causal_attention(q, k, v2).mean(2), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_focal_loss_against_cross_entropy_and_its_formula():
@@ -79,8 +86,18 @@ def test_training_decreases_the_loss_and_is_seeded():
     # a learnable rule: boundary where the key at p points the other way than the key before it
     labels = [(torch.cosine_similarity(k[:, 1:], k[:, :-1], dim=-1) < -0.3).to(torch.int8) for k in keys]
     labels = [F.pad(y, (1, 0), value=IGNORE) for y in labels]
-    run = lambda seed: train_predictors({0: keys}, {0: labels}, n_heads=2, hidden=32, steps=40, lr=3e-3, seed=seed,
-                                        gamma=0.0, alpha=None, progress=False)  # noqa: E731  # fmt: skip
+    run = lambda seed: train_predictors(
+        {0: keys},
+        {0: labels},
+        n_heads=2,
+        hidden=32,
+        steps=40,
+        lr=3e-3,
+        seed=seed,
+        gamma=0.0,
+        alpha=None,
+        progress=False,
+    )  # noqa: E731
     preds, losses = run(0)
     assert losses.shape == (40, 1)
     assert losses[-5:].mean() < 0.6 * losses[:2].mean()
@@ -108,7 +125,12 @@ def test_file_loads_into_every_layer_with_the_trained_logits(trained):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert {k: meta[k] for k in ("dim", "n_heads", "window", "hidden", "ratio")} == {
-        "dim": "16", "n_heads": "1", "window": "4", "hidden": "32", "ratio": "2.0"}  # fmt: skip
+        "dim": "16",
+        "n_heads": "1",
+        "window": "4",
+        "hidden": "32",
+        "ratio": "2.0",
+    }
     assert meta["source"] == str(run.resolve())
     k = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(0))
     for layer in (0, 1):

@@ -26,8 +26,9 @@ ROUTER = str(CONFIGS / "duo-tiny-router.yaml")
 @pytest.mark.parametrize("low, budget", [(SMALL, None), (SMALL, 2), (SKIP, None)])
 def test_prefix_sharing_oracle_equals_naive_per_route_passes(low, budget):
     torch.manual_seed(0)
-    model = arch.build_model({"d_model": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16,
-                              "ffn": {"type": "duo", "d_ff": 64}}).eval()  # fmt: skip
+    model = arch.build_model(
+        {"d_model": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "ffn": {"type": "duo", "d_ff": 64}}
+    ).eval()
     batch = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(1))
     routes = route_space(4, low, budget)
     assert len(routes) == (6 if budget == 2 else 16) and set(routes.unique().tolist()) == {low, BIG}

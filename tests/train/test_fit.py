@@ -29,8 +29,12 @@ def train_losses(run_dir) -> dict[int, float]:
 def run8(tmp_path_factory, cache_dir):
     """One 8-step run with a checkpoint every 4 steps, all kept."""
     tmp = tmp_path_factory.mktemp("run8")
-    out = fit(TINY, micro_overrides(tmp, cache_dir, **{"trainer.max_steps": 8, "trainer.ckpt_every": 4,
-                                                       "trainer.keep_checkpoints": -1}))  # fmt: skip
+    out = fit(
+        TINY,
+        micro_overrides(
+            tmp, cache_dir, **{"trainer.max_steps": 8, "trainer.ckpt_every": 4, "trainer.keep_checkpoints": -1}
+        ),
+    )
     return out
 
 
@@ -55,14 +59,19 @@ def test_checkpoint_and_export_give_same_model(run8):
 def test_same_seed_same_curve_and_resume_gives_same_curve(run8, tmp_path, cache_dir):
     ref = train_losses(run8["run_dir"])
     # an identical second run reproduces every loss exactly
-    again = fit(TINY, micro_overrides(tmp_path / "again", cache_dir, **{"trainer.max_steps": 8, "trainer.ckpt_every": 4}))
+    again = fit(
+        TINY, micro_overrides(tmp_path / "again", cache_dir, **{"trainer.max_steps": 8, "trainer.ckpt_every": 4})
+    )
     assert train_losses(again["run_dir"]) == ref
     # N steps, then resume for N more: identical to the uninterrupted 2N-step run
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copy(run8["run_dir"] / "checkpoints" / "step-000004.ckpt", resumed_dir)
-    fit(TINY, micro_overrides(tmp_path, cache_dir, **{"trainer.max_steps": 8, "trainer.ckpt_every": 4}),
-        resume=str(resumed_dir / "step-000004.ckpt"))  # fmt: skip
+    fit(
+        TINY,
+        micro_overrides(tmp_path, cache_dir, **{"trainer.max_steps": 8, "trainer.ckpt_every": 4}),
+        resume=str(resumed_dir / "step-000004.ckpt"),
+    )
     resumed = train_losses(tmp_path / "resumed")
     assert sorted(resumed) == [4, 5, 6, 7]
     assert resumed == {s: ref[s] for s in range(4, 8)}
@@ -77,8 +86,12 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, cache_dir, 
 
     monkeypatch.setattr(train.module, "lm_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match="at step 5"):
-        fit(TINY, micro_overrides(tmp_path, cache_dir, **{"trainer.max_steps": 12, "trainer.ckpt_every": 4,
-                                                          "trainer.log_every": 3}))  # fmt: skip
+        fit(
+            TINY,
+            micro_overrides(
+                tmp_path, cache_dir, **{"trainer.max_steps": 12, "trainer.ckpt_every": 4, "trainer.log_every": 3}
+            ),
+        )
     (ckpt_dir,) = list((tmp_path / "runs" / "gpt-tiny").glob("*/checkpoints"))
     assert [p.name for p in ckpt_dir.iterdir()] == ["step-000004.ckpt"]  # no temp files, nothing newer
     state = read_checkpoint(ckpt_dir / "step-000004.ckpt")["state_dict"]
@@ -132,8 +145,17 @@ def test_config_inheritance_and_interpolation(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_replicas_in_sync(tmp_path, cache_dir):
-    cmd = [sys.executable, "-m", "train", "fit", TINY, "trainer.devices=2", "trainer.strategy=ddp",
-           "trainer.accelerator=cpu", *micro_overrides(tmp_path, cache_dir, **{"trainer.max_steps": 4})]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "fit",
+        TINY,
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=cpu",
+        *micro_overrides(tmp_path, cache_dir, **{"trainer.max_steps": 4}),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "replicas in sync across 2 processes" in r.stdout + r.stderr
@@ -141,8 +163,12 @@ def test_ddp_two_cpu_processes_keep_replicas_in_sync(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_compile_and_bf16_options_train_and_checkpoint_plain_weights(tmp_path, cache_dir):
-    out = fit(TINY, micro_overrides(tmp_path, cache_dir, **{"trainer.compile": True, "trainer.precision": "bf16-mixed",
-                                                            "trainer.max_steps": 2}))  # fmt: skip
+    out = fit(
+        TINY,
+        micro_overrides(
+            tmp_path, cache_dir, **{"trainer.compile": True, "trainer.precision": "bf16-mixed", "trainer.max_steps": 2}
+        ),
+    )
     state = read_checkpoint(out["run_dir"])["state_dict"]
     assert state and all(k.startswith("model.") for k in state)  # no compiled-wrapper duplicate
     assert out["val_loss"] < 6.0

@@ -42,8 +42,11 @@ def test_grow_cli_writes_an_exact_bigger_model(grown_dir, capsys):
 def test_fit_init_from_grown_model(grown_dir, tmp_path, cache_dir, freeze):
     _, out = grown_dir
     _, start = load_trained(out)
-    res = fit(TF, micro_overrides(tmp_path, cache_dir, **SMALL, **{"optim.freeze_old_tokens": freeze,
-                                                                  "trainer.max_steps": 3}), init_from=str(out))  # fmt: skip
+    res = fit(
+        TF,
+        micro_overrides(tmp_path, cache_dir, **SMALL, **{"optim.freeze_old_tokens": freeze, "trainer.max_steps": 3}),
+        init_from=str(out),
+    )
     _, end = load_trained(res["run_dir"])
     assert end.blocks[0].ffn.n_tokens == 32  # the model section came from the grown model
     for m0, m1 in zip(start.modules(), end.modules()):

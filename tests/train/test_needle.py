@@ -132,8 +132,12 @@ def test_ppl_windows_score_the_same_text_at_every_length():
 def test_variant_table():
     t = variant_table(64, ["chunker=learned", "predictor=p.pt"])
     assert t["dense"] == []
-    assert t["dhsa"] == ["model.mixer.type=dhsa", "model.mixer.budget=64", "model.mixer.chunker=learned",
-                         "model.mixer.predictor=p.pt"]  # fmt: skip
+    assert t["dhsa"] == [
+        "model.mixer.type=dhsa",
+        "model.mixer.budget=64",
+        "model.mixer.chunker=learned",
+        "model.mixer.predictor=p.pt",
+    ]
     # the variant's own chunker wins; the learned chunker's predictor file is not an option of fixed chunks
     assert t["fixed"] == t["dhsa"][:-1] + ["model.mixer.chunker=fixed"]
     with pytest.raises(ConfigError, match="--mixer 'chunker': expected key=value"):
@@ -165,8 +169,9 @@ def test_needle_cli_writes_json_and_plots(run, capsys):
 
 def test_variants_with_the_same_model_give_the_same_numbers(run, tmp_path, capsys):
     variants = {"dense": [], "again": [], "sdpa": ["model.mixer.attn_backend=sdpa"]}
-    r = needle(str(run), [], variants, [128, 256], [0.0, 1.0], trials=2, ppl_tokens=256, out_dir=str(tmp_path),
-               progress=False)  # fmt: skip
+    r = needle(
+        str(run), [], variants, [128, 256], [0.0, 1.0], trials=2, ppl_tokens=256, out_dir=str(tmp_path), progress=False
+    )
     v = r["variants"]
     assert v["sdpa"]["overrides"] == ["model.mixer.attn_backend=sdpa"]
     assert v["again"]["passkey"] == v["dense"]["passkey"]  # identical prompts, identical model
@@ -177,11 +182,20 @@ def test_variants_with_the_same_model_give_the_same_numbers(run, tmp_path, capsy
 
 
 def test_sparse_variants_record_attention_recall(run, tmp_path, capsys):
-    variants = {"dense": [], "dhsa": ["model.mixer.type=dhsa", "model.mixer.budget=16", "model.mixer.n_init=4",
-                                      "model.mixer.n_recent=8", "model.mixer.query_block=8"],
-                "all": ["model.mixer.type=dhsa", "model.mixer.budget=256"]}  # fmt: skip
-    r = needle(str(run), [], variants, [128, 256], [0.5], trials=1, ppl_tokens=256, out_dir=str(tmp_path),
-               progress=False)  # fmt: skip
+    variants = {
+        "dense": [],
+        "dhsa": [
+            "model.mixer.type=dhsa",
+            "model.mixer.budget=16",
+            "model.mixer.n_init=4",
+            "model.mixer.n_recent=8",
+            "model.mixer.query_block=8",
+        ],
+        "all": ["model.mixer.type=dhsa", "model.mixer.budget=256"],
+    }
+    r = needle(
+        str(run), [], variants, [128, 256], [0.5], trials=1, ppl_tokens=256, out_dir=str(tmp_path), progress=False
+    )
     v = r["variants"]
     assert "recall" not in v["dense"]["ppl"][0]
     assert [p["recall"] for p in v["all"]["ppl"]] == pytest.approx([1.0, 1.0])  # budget >= T: every key

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--more", type=int, default=300, help="M: steps after growing")
     p.add_argument("--out", default="docs/tokenformer")
     p.add_argument("--runs", default="runs/tokenformer-growth")
-    p.add_argument("--report-only", action="store_true", help="re-print the table and re-draw the plot from growth.json")
+    p.add_argument(
+        "--report-only", action="store_true", help="re-print the table and re-draw the plot from growth.json"
+    )
     a = p.parse_args(argv)
     N, M, out = a.steps, a.more, Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,8 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads((out / "growth.json").read_text())
         report(results, out, N)
         return results
-    common = [f"trainer.out_dir={a.runs}", "trainer.progress_bar=false", "trainer.sample_tokens=0",
-              "data.val_batches=20", f"trainer.val_every={max(N // 3, 1)}", "trainer.log_every=25"]  # fmt: skip
+    common = [
+        f"trainer.out_dir={a.runs}",
+        "trainer.progress_bar=false",
+        "trainer.sample_tokens=0",
+        "data.val_batches=20",
+        f"trainer.val_every={max(N // 3, 1)}",
+        "trainer.log_every=25",
+    ]
     tokens_per_step = 32 * 128  # gpt-tiny's batch: 32 windows of 128 bytes
 
     def flops_per_step(cfg_model: dict) -> float:
@@ -67,10 +75,19 @@ def main(argv: list[str] | None = None) -> dict:
         fps = flops_per_step(model_cfg)
         curve = [(steps_before + s, flops_before + s * fps, loss) for s, loss in val_curve(run_dir, steps)]
         n_params = sum(p.numel() for p in load_trained(run_dir)[1].parameters())
-        results[name] = {"run_dir": str(run_dir), "params": n_params, "curve": curve,
-                         "final_val_loss": curve[-1][2], "total_flops": curve[-1][1], "steps": curve[-1][0]}  # fmt: skip
-        print(f"[growth] {name}: {n_params / 1e6:.2f}M params, val loss {curve[-1][2]:.4f} after {curve[-1][0]} steps, "
-              f"{curve[-1][1]:.3g} FLOPs", flush=True)  # fmt: skip
+        results[name] = {
+            "run_dir": str(run_dir),
+            "params": n_params,
+            "curve": curve,
+            "final_val_loss": curve[-1][2],
+            "total_flops": curve[-1][1],
+            "steps": curve[-1][0],
+        }
+        print(
+            f"[growth] {name}: {n_params / 1e6:.2f}M params, val loss {curve[-1][2]:.4f} after {curve[-1][0]} steps, "
+            f"{curve[-1][1]:.3g} FLOPs",
+            flush=True,
+        )
 
     small = fit(TF_CONFIG, [*common, *slot_overrides(1), f"trainer.max_steps={N}", "name=tf-small"])
     cfg_small, small_model = load_trained(small["run_dir"])
@@ -78,10 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
     small_flops = results["small (x1)"]["total_flops"]
     for scale in (2, 4):
         grown_dir = save_pretrained(grow(small_model, scale=scale), Path(small["run_dir"]) / f"grown-x{scale}")
-        run = fit(TF_CONFIG, [*common, f"trainer.max_steps={M}", f"optim.warmup_steps={max(M // 100, 1)}",
-                              f"name=tf-grown-x{scale}"], init_from=str(grown_dir))  # fmt: skip
+        run = fit(
+            TF_CONFIG,
+            [*common, f"trainer.max_steps={M}", f"optim.warmup_steps={max(M // 100, 1)}", f"name=tf-grown-x{scale}"],
+            init_from=str(grown_dir),
+        )
         record(f"grown x{scale}", run["run_dir"], load_trained(run["run_dir"])[0]["model"], M, small_flops, N)
-        run = fit(TF_CONFIG, [*common, *slot_overrides(scale), f"trainer.max_steps={N + M}", f"name=tf-scratch-x{scale}"])
+        run = fit(
+            TF_CONFIG, [*common, *slot_overrides(scale), f"trainer.max_steps={N + M}", f"name=tf-scratch-x{scale}"]
+        )
         record(f"scratch x{scale}", run["run_dir"], load_trained(run["run_dir"])[0]["model"], N + M)
     run = fit(DENSE_CONFIG, [*common, f"trainer.max_steps={N + M}", "name=dense-scratch"])
     record("dense (gpt-tiny)", run["run_dir"], load_trained(run["run_dir"])[0]["model"], N + M)
@@ -96,13 +118,20 @@ def report(results: dict, out: Path, N: int) -> None:
     print("\n| model | params | steps | training FLOPs | final val loss (nats/byte) |")
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['total_flops']:.3g} | {r['final_val_loss']:.4f} |")
+        print(
+            f"| {name} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['total_flops']:.3g} | {r['final_val_loss']:.4f} |"
+        )
     for scale in (2, 4):
         g, s = results[f"grown x{scale}"], results[f"scratch x{scale}"]
         reach = flops_to_reach(s["curve"], g["final_val_loss"])
-        verdict = (f"scratch x{scale} reaches the grown model's final loss at ~{reach:.3g} FLOPs (linear between "
-                   f"validations); grown spent {g['total_flops']:.3g} ({g['total_flops'] / reach:.2f}x)") if reach else (
-                   f"scratch x{scale} never reaches the grown model's final loss within {s['steps']} steps")  # fmt: skip
+        verdict = (
+            (
+                f"scratch x{scale} reaches the grown model's final loss at ~{reach:.3g} FLOPs (linear between "
+                f"validations); grown spent {g['total_flops']:.3g} ({g['total_flops'] / reach:.2f}x)"
+            )
+            if reach
+            else (f"scratch x{scale} never reaches the grown model's final loss within {s['steps']} steps")
+        )
         print(f"x{scale}: grown {g['final_val_loss']:.4f} vs scratch {s['final_val_loss']:.4f}; {verdict}")
     print(f"wrote {out / 'growth.json'} and {out / 'growth.png'}")
 
@@ -127,8 +156,14 @@ def plot(results: dict, path: Path, n_small: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"small (x1)": "k-", "grown x2": "C0-", "scratch x2": "C0--", "grown x4": "C1-", "scratch x4": "C1--",
-              "dense (gpt-tiny)": "C2:"}  # fmt: skip
+    styles = {
+        "small (x1)": "k-",
+        "grown x2": "C0-",
+        "scratch x2": "C0--",
+        "grown x4": "C1-",
+        "scratch x4": "C1--",
+        "dense (gpt-tiny)": "C2:",
+    }
     for name, r in results.items():
         f = [c[1] for c in r["curve"]]
         loss = [c[2] for c in r["curve"]]
