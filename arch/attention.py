@@ -43,6 +43,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return y.transpose(1, 2)
 
 
+class Tap(nn.Module):
+    """A named identity point for analysis tools: ``register_forward_hook`` on it sees the tensors passing through
+    (a mixer's rotated q, k, v; a sparse mixer's selection) without changing the model; no parameters."""
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tensors
+
+
 @MIXERS.register("dense")
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: Q, K, V and output projections of the model's ``proj`` kind."""
@@ -62,13 +70,14 @@ class CausalSelfAttention(nn.Module):
         self.v = ctx.make_proj(d, ctx.n_kv_heads * hd, "qkv")
         self.o = ctx.make_proj(ctx.n_heads * hd, d, "proj")
         self.rope = RotaryEmbedding(hd, ctx.max_seq_len, ctx.rope_theta, ctx.rope_fraction)
+        self.qkv_tap = Tap()  # hooks read the rotated q, k and v here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # [B, T, D]
         q = self.rope(self.q(x).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, hd]
         k = self.rope(self.k(x).view(B, T, self.n_kv_heads, self.head_dim))  # [B, T, Hkv, hd]
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim)
-        y = self.attend(q, k, v)  # [B, T, H, hd]
+        y = self.attend(*self.qkv_tap(q, k, v))  # [B, T, H, hd]
         return self.o(y.reshape(B, T, self.n_heads * self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

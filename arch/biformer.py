@@ -73,6 +73,12 @@ class Block(nn.Module):
 class BiFormer(nn.Module):
     task = "classification"
 
+    def paper_reference(self) -> dict | None:
+        """The paper's size of this architecture (Table 1), if it is one of BiFormer-T/S/B: name, parameters (M,
+        1000 classes), GMACs at 224² (fvcore counts multiply-adds)."""
+        ref = PAPER_SIZES.get((tuple(self.config["depths"]), tuple(self.config["dims"])))
+        return None if ref is None else dict(zip(("name", "params_m", "gmacs"), ref))
+
     def __init__(self, cfg: Mapping):
         super().__init__()
         c = check_fields(cfg, fields_of_dataclass(BiFormerConfig), "model")
@@ -118,3 +124,12 @@ class BiFormer(nn.Module):
         for down, stage in zip(self.downsample, self.stages):
             x = stage(down(x))  # [B, d_s, H / 2^(s+2), W / 2^(s+2)]
         return self.head(self.norm(x).mean((2, 3)))  # [B, classes]
+
+
+# BiFormer paper, Table 1 (ImageNet-1k, 224×224): (depths, dims) -> (name, params M, GFLOPs as fvcore counts them,
+# i.e. multiply-accumulates)
+PAPER_SIZES = {
+    ((2, 2, 8, 2), (64, 128, 256, 512)): ("BiFormer-T", 13.1, 2.2),
+    ((4, 4, 18, 4), (64, 128, 256, 512)): ("BiFormer-S", 25.5, 4.5),
+    ((4, 4, 18, 4), (96, 192, 384, 768)): ("BiFormer-B", 56.8, 9.8),
+}

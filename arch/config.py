@@ -74,10 +74,15 @@ def parse_layer_selector(key: str, n_layers: int, path: str) -> list[int]:
     return out
 
 
-def _merge(base: dict, override: dict) -> dict:
-    if "type" in override and override["type"] != base["type"]:
-        return dict(override)
-    return {**base, **override}
+def merge(base: Any, child: Any) -> Any:
+    """The one merge rule of configs (base file <- child file <- overrides, and a layer's block <- its per-layer
+    override): recursive over mappings, except that a mapping whose ``type`` differs from the base's replaces
+    it whole, so the old type's options do not leak into the new block."""
+    if not (isinstance(base, Mapping) and isinstance(child, Mapping)):
+        return child
+    if "type" in child and "type" in base and child["type"] != base["type"]:
+        return dict(child)
+    return {**base, **{k: merge(base[k], v) if k in base else v for k, v in child.items()}}
 
 
 def resolve_lm_config(cfg: Mapping, path: str = "model") -> dict:
@@ -125,7 +130,7 @@ def resolve_lm_config(cfg: Mapping, path: str = "model") -> dict:
         layers[str(sel)] = {k: {"type": v} if isinstance(v, str) else dict(v) for k, v in override.items()}
         for i in parse_layer_selector(sel, c["n_layers"], opath):
             for key, spec in layers[str(sel)].items():
-                merged = _merge(per_layer[i][key], spec)
+                merged = merge(per_layer[i][key], spec)
                 per_layer[i][key] = LAYER_KEYS[key].build_spec(merged, f"{opath}.{key}")
     c["layers"] = layers
     c["per_layer"] = per_layer
@@ -147,6 +152,38 @@ class LayerContext:
     rope_theta: float
     rope_fraction: float
     init_std: float
+
+    @classmethod
+    def for_block(
+        cls,
+        *,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: Optional[int] = None,
+        max_seq_len: int = 2048,
+        n_layers: int = 1,
+        layer_idx: int = 0,
+        proj: Any = "linear",
+        norm: Any = "rmsnorm",
+        rope_theta: float = 10000.0,
+        rope_fraction: float = 1.0,
+        init_std: float = 0.02,
+    ) -> LayerContext:
+        """The context of one block built outside ``CausalLM`` (from plain numbers): ``proj`` and ``norm`` are
+        block specs as in configs (checked), everything else as in ``LMConfig``."""
+        return cls(
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads or n_heads,
+            max_seq_len=max_seq_len,
+            n_layers=n_layers,
+            layer_idx=layer_idx,
+            proj=PROJS.build_spec(proj, "proj"),
+            norm=NORMS.build_spec(norm, "norm"),
+            rope_theta=rope_theta,
+            rope_fraction=rope_fraction,
+            init_std=init_std,
+        )
 
     @property
     def head_dim(self) -> int:

@@ -48,7 +48,7 @@ from torch import nn
 
 from kernels.block_sparse import block_sparse_attention
 
-from .attention import CausalSelfAttention, attend_keys
+from .attention import CausalSelfAttention, Tap, attend_keys
 from .config import LayerContext
 from .registry import MIXERS, ConfigError
 
@@ -252,6 +252,7 @@ class DHSA(CausalSelfAttention):
         predictor_hidden: int = 256,
     ):
         super().__init__(ctx)
+        self.selection_tap = Tap()  # hooks read (q, k, selection) here
         for name, value, least in (
             ("budget", budget, 1),
             ("query_block", query_block, 1),
@@ -305,7 +306,7 @@ class DHSA(CausalSelfAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.mode == "prefill" and self.training:
             raise RuntimeError("mixer.mode 'prefill' is inference-only (it is not causal); train with mode 'causal'")
-        kv = self.select(q, k)  # [B, nb, S]
+        _, _, kv = self.selection_tap(q, k, self.select(q, k))  # kv [B, nb, S]
         return block_sparse_attention(q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True)
 
     @torch.no_grad()

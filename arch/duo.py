@@ -14,7 +14,7 @@ Routes are coded ``SKIP=0, SMALL=1, BIG=2``. Routing modes (``routing:``):
 
 Hard routing computes only the chosen module for each token: tokens are grouped by route (one stable sort),
 gathered, computed and scattered back (a permutation, whose gradient is the inverse permutation), so compute
-follows the route (``python -m train.bench_duo`` measures it).
+follows the route (``python -m train bench duo-ffn`` measures it).
 
 Attributes written during ``forward`` (read by ``train/`` for the router loss and TensorBoard):
 

@@ -51,15 +51,20 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: str | 
     return model
 
 
-def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model from ``config.yaml`` and load ``model.safetensors`` (no pickle)."""
+def read_config(directory: str | os.PathLike) -> dict:
+    """The ``model:`` mapping saved in an exported model directory (``config.yaml`` beside ``model.safetensors``)."""
     from omegaconf import OmegaConf
-
-    from . import build_model
 
     directory = Path(directory)
     for name in ("config.yaml", "model.safetensors"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: missing {name}; expected a directory written by save_pretrained")
-    model = build_model(OmegaConf.load(directory / "config.yaml"))
-    return load_weights(model, directory / "model.safetensors", map_location).to(map_location)
+    return OmegaConf.to_container(OmegaConf.load(directory / "config.yaml"))
+
+
+def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model from ``config.yaml`` and load ``model.safetensors`` (no pickle)."""
+    from . import build_model
+
+    model = build_model(read_config(directory))
+    return load_weights(model, Path(directory) / "model.safetensors", map_location).to(map_location)

@@ -1,179 +1,212 @@
-"""``python -m train bench <config>``: the same model trained by the Lightning loop and by a bare PyTorch loop.
+"""Training throughput of configs, and every registered benchmark (kernel ops and studies), as markdown tables.
 
-One table: tokens/s, step time, model FLOPs utilisation (against the matmul rate measured in the same run),
-and peak memory for each loop, and their ratio (the framework's overhead). Both loops use the same model
-init, batches, optimizer, schedule, clipping and precision; the Lightning loop logs as ``fit`` does but
-writes no checkpoint and runs no validation.
+    python -m train bench configs/lm/gpt-tiny.yaml [dotted.key=value ...] [--steps N]
+    python -m train bench configs/lm/gpt-tiny.yaml configs/lm/<other>.yaml [--steps N]
+    python -m train bench NAME [NAME ...] [--size key=value,...] [--impl ...]     (--list shows the names)
+
+One config: the same model trained by the Lightning loop and by a bare PyTorch loop (same init, batches,
+optimizer, schedule, clipping and precision): tokens/s, step time, model FLOPs utilisation against the matmul
+rate measured in the same run, peak memory, and their ratio (the framework's overhead). Several configs: their
+training-step times measured interleaved on the same batches, and each one's steps at the first one's budget.
+A name: a benchmark registered with ``kernels.bench`` (by ``kernels`` or a study), run by its runner.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
+import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from .config import load_config
-from .data import LMDataModule, TrainWindows
-from .info import forward_flops_per_token
-from .module import LMModule, build_optimizer, lm_loss
+from kernels.bench import KERNEL_BENCHMARKS
+from kernels.bench import run as runner
+from kernels.bench.harness import PeakMemory, fmt, machine, markdown_table, matmul_rate, sync
+
+from .runs import device_for
 
 
-class PeakMemory:
-    """Peak memory while the block runs: CUDA allocator peak on GPU, else resident set size sampled from /proc."""
+def register_all() -> None:
+    """Import every module that registers benchmarks: the kernel ops' and every study's."""
+    from .studies import discover as studies
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
+    for module in (*KERNEL_BENCHMARKS, *(m for s in studies() for m in s.BENCHMARKS)):
+        importlib.import_module(module)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured FLOP/s of a square matmul on this machine (the MFU denominator)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
-        a @ b
-        reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+def train_windows(cfg: dict, data, n_batches: int):
+    """The first ``n_batches`` micro-batches of a run of ``cfg`` (``fit``'s batches, in order)."""
+    from .data import TrainWindows
+
+    d = cfg["data"]
+    return TrainWindows(data.splits["train"]["tokens"], d["seq_len"], d["batch_size"], cfg["seed"], 0, n_batches)
 
 
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1 = warmup, None, None
+def bare_steps(cfg: dict, model: torch.nn.Module, opt, sched, batches, device: torch.device):
+    """A bare PyTorch training loop over ``batches`` (micro-batches, accumulated as ``fit`` does); yields after
+    every optimizer step."""
+    from .module import lm_loss
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.t0 is None and trainer.global_step == self.warmup:
-            self.t0 = time.perf_counter()
-        self.t1 = time.perf_counter()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def bare_loop(cfg: dict, data: LMDataModule, device: torch.device, steps: int, warmup: int) -> float:
-    """Plain PyTorch training loop; returns seconds for the ``steps`` timed steps."""
-    L.seed_everything(cfg["seed"], verbose=False)
-    module = LMModule(cfg, data.bytes_per_token).to(device)
-    model = torch.compile(module.model) if cfg["trainer"]["compile"] else module.model
-    opt, sched = build_optimizer(module.model, cfg)
     accum, clip = cfg["trainer"]["accumulate_grad_batches"], cfg["optim"]["grad_clip"]
-    ds = TrainWindows(
-        data.splits["train"]["tokens"],
-        cfg["data"]["seq_len"],
-        cfg["data"]["batch_size"],
-        cfg["seed"],
-        0,
-        (warmup + steps) * accum,
-    )
     bf16 = cfg["trainer"]["precision"] == "bf16-mixed"
-    t0 = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
+    fwd = torch.compile(model) if cfg["trainer"]["compile"] else model
+    for step in range(len(batches) // accum):
         for micro in range(accum):
-            batch = ds[step * accum + micro].to(device)
+            batch = batches[step * accum + micro].to(device)
             with torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
-                loss = lm_loss(model, batch) / accum
+                loss = lm_loss(fwd, batch) / accum
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.model.parameters(), clip if clip > 0 else float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    _sync(device)
+        yield step
+
+
+def bare_loop(cfg: dict, data, device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds of ``steps`` bare-loop steps after ``warmup`` untimed ones."""
+    import lightning as L
+
+    from .module import LMModule, build_optimizer
+
+    L.seed_everything(cfg["seed"], verbose=False)
+    module = LMModule(cfg, data.bytes_per_token).to(device)
+    opt, sched = build_optimizer(module.model, cfg)
+    batches = train_windows(cfg, data, (warmup + steps) * cfg["trainer"]["accumulate_grad_batches"])
+    t0 = time.perf_counter()
+    for step in bare_steps(cfg, module.model, opt, sched, batches, device):
+        if step == warmup - 1:  # the warm-up steps are done: time from here
+            sync(device)
+            t0 = time.perf_counter()
+    sync(device)
     return time.perf_counter() - t0
 
 
-def lightning_loop(cfg: dict, data: LMDataModule, steps: int, warmup: int) -> float:
-    from .fit import build_trainer
+def lightning_loop(cfg: dict, data, steps: int, warmup: int) -> float:
+    """Seconds of ``steps`` steps of ``fit``'s Lightning loop after ``warmup`` untimed ones (no checkpoint or
+    validation)."""
+    import lightning as L
+
+    from .module import LMModule
+    from .trainer import build_trainer
+
+    class StepTimer(L.Callback):
+        t0 = t1 = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.t0 is None and trainer.global_step == warmup:
+                self.t0 = time.perf_counter()
+            self.t1 = time.perf_counter()
 
     L.seed_everything(cfg["seed"], verbose=False)
     cfg = {**cfg, "trainer": {**cfg["trainer"], "max_steps": warmup + steps, "val_every": 10**9, "ckpt_every": 10**9}}
     data.cfg = cfg
-    module = LMModule(cfg, data.bytes_per_token)
-    timer = StepTimer(warmup)
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(cfg, Path(tmp), callbacks=[timer])
-        trainer.fit(module, data)
+        build_trainer(cfg, Path(tmp), callbacks=[timer]).fit(LMModule(cfg, data.bytes_per_token), data)
     return timer.t1 - timer.t0
 
 
-def bench(config_path: str, overrides=(), steps: int = 40, warmup: int = 5) -> dict:
+def bench_loops(config_path: str, overrides=(), steps: int = 40, warmup: int = 5) -> dict:
+    """The Lightning loop against the bare loop on one config (see the module docstring)."""
+    from .config import load_config
+    from .datamodules import LMDataModule
+    from .info import forward_flops_per_token
+
     cfg = load_config(config_path, overrides)
     cfg["trainer"]["devices"] = 1  # one process: the comparison is per device
-    accel = cfg["trainer"]["accelerator"]
-    device = torch.device("cuda" if (accel in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "cpu")
+    device = device_for(cfg["trainer"]["accelerator"])
     data = LMDataModule(cfg)
     data.setup()
-    tokens_per_step = cfg["data"]["batch_size"] * cfg["data"]["seq_len"] * cfg["trainer"]["accumulate_grad_batches"]
-    flops_per_token = 3 * forward_flops_per_token(cfg["model"], cfg["data"]["seq_len"])
-    dtype = torch.bfloat16 if "bf16" in cfg["trainer"]["precision"] else torch.float32
-    peak_rate = matmul_rate(device, dtype)
-    print(
-        f"bench {cfg['name']} on {device}: {steps} timed steps after {warmup} warm-up steps, "
-        f"{tokens_per_step} tokens/step, {flops_per_token / 1e6:.1f} MFLOP/token (fwd+bwd)"
-    )
+    d, tr = cfg["data"], cfg["trainer"]
+    tokens_per_step = d["batch_size"] * d["seq_len"] * tr["accumulate_grad_batches"]
+    flops_per_token = 3 * forward_flops_per_token(cfg["model"], d["seq_len"])
+    dtype = torch.bfloat16 if "bf16" in tr["precision"] else torch.float32
+    rate = matmul_rate(device, dtype)
+    print(f"bench {cfg['name']}: {steps} timed steps after {warmup} warm-up steps, {tokens_per_step} tokens/step,")
+    print(f"  {flops_per_token / 1e6:.1f} MFLOP/token (fwd+bwd); machine: {machine(device, dtype, rate)}\n")
     rows = {}
-    for name, run in (
+    for name, loop in (
         ("bare PyTorch", lambda: bare_loop(cfg, data, device, steps, warmup)),
         ("Lightning", lambda: lightning_loop(cfg, data, steps, warmup)),
     ):
         with PeakMemory(device) as mem:
-            seconds = run()
+            seconds = loop()
         tps = steps * tokens_per_step / seconds
-        rows[name] = {
-            "tokens_per_s": tps,
-            "step_ms": 1e3 * seconds / steps,
-            "mfu": tps * flops_per_token / peak_rate,
-            "peak_mib": mem.peak / 2**20,
-        }
-    mem_label = "peak alloc (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
-    print(f"\n| loop         | tokens/s | step time (ms) |  MFU   | {mem_label} |")
-    print("|--------------|---------:|---------------:|-------:|" + "-" * (len(mem_label) + 1) + ":|")
-    for name, r in rows.items():
-        print(
-            f"| {name:<12} | {r['tokens_per_s']:8.0f} | {r['step_ms']:14.1f} | {100 * r['mfu']:5.1f}% | "
-            f"{r['peak_mib']:{len(mem_label)}.0f} |"
-        )
+        rows[name] = {"tokens_per_s": tps, "step_ms": 1e3 * seconds / steps, "mfu": tps * flops_per_token / rate}
+        rows[name]["peak_mib"] = mem.peak / 2**20
+    mem_label = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
+    table = [
+        [n, f"{r['tokens_per_s']:.0f}", fmt(r["step_ms"], 1), f"{100 * r['mfu']:.1f}%", f"{r['peak_mib']:.0f}"]
+        for n, r in rows.items()
+    ]
+    print(markdown_table(["loop", "tokens/s", "step ms", "MFU", mem_label], table))
     ratio = rows["Lightning"]["tokens_per_s"] / rows["bare PyTorch"]["tokens_per_s"]
-    print(
-        f"\nLightning / bare tokens/s = {ratio:.3f}  (matmul rate measured here: {peak_rate / 1e9:.1f} GFLOP/s "
-        f"{str(dtype).removeprefix('torch.')}; MFU counts matmul FLOPs, attention as the full TxT product)"
-    )
-    return {"rows": rows, "ratio": ratio, "matmul_flops": peak_rate}
+    print(f"\nLightning / bare tokens/s = {ratio:.3f}  (MFU counts matmul FLOPs, attention as the full TxT product)")
+    return {"rows": rows, "ratio": ratio, "matmul_flops": rate}
+
+
+def step_times(config_paths: list[str], overrides=(), steps: int = 8) -> dict:
+    """Training-step time of several LM configs, interleaved (one step of each in turn, the first config's
+    batches), so that load on the machine affects all alike; each model's steps at the first one's budget."""
+    import lightning as L
+
+    from arch import build_model
+
+    from .config import load_config
+    from .datamodules import LMDataModule
+    from .module import build_optimizer
+
+    cfgs = [load_config(p, overrides) for p in config_paths]
+    data = LMDataModule(cfgs[0])
+    data.setup()
+    batches = train_windows(cfgs[0], data, steps + 1)
+    loops, times = [], [[] for _ in cfgs]
+    for cfg in cfgs:
+        L.seed_everything(cfg["seed"], verbose=False)
+        model = build_model(cfg["model"])
+        cfg = {**cfg, "trainer": {**cfg["trainer"], "accumulate_grad_batches": 1, "compile": False}}
+        loops.append(bare_steps(cfg, model, *build_optimizer(model, cfg), batches, torch.device("cpu")))
+    for step in range(steps + 1):  # step 0: warm-up, untimed
+        for loop, t in zip(loops, times):
+            t0 = time.perf_counter()
+            next(loop)
+            if step:
+                t.append(time.perf_counter() - t0)
+    base, budget, c = statistics.median(times[0]), cfgs[0]["trainer"]["max_steps"], cfgs[0]["data"]
+    print(f"LM training step time, interleaved, median of {steps} steps (batch {c['batch_size']}x{c['seq_len']});")
+    print(f"  machine: {machine()}\n")
+    out, table = {}, []
+    for path, t in zip(config_paths, times):
+        ms = 1e3 * statistics.median(t)
+        out[path] = {"step_ms": ms, "ratio": ms / (1e3 * base), "equal_budget_steps": round(budget * base * 1e3 / ms)}
+        table.append([path, f"{ms:.0f}", f"{out[path]['ratio']:.2f}", out[path]["equal_budget_steps"]])
+    print(markdown_table(["config", "step ms", "ratio", f"steps in {config_paths[0]}'s budget ({budget})"], table))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("targets", nargs="*", help="config YAMLs and their dotted.key=value overrides, or benchmark names")
+    p.add_argument("--steps", type=int, default=40, help="configs: timed training steps")
+    runner.add_arguments(p)  # its --warmup is also the untimed training steps before timing one config
+    p.set_defaults(warmup=None)
+
+
+def run(args: argparse.Namespace) -> None:
+    targets = [*args.targets, *args.overrides]
+    configs = [t for t in targets if t.endswith((".yaml", ".yml"))]
+    overrides = [t for t in targets if "=" in t]
+    names = [t for t in targets if t not in configs and t not in overrides]
+    if args.steps < 2:
+        raise SystemExit("error: --steps must be >= 2")
+    if len(configs) == 1:
+        bench_loops(configs[0], overrides, args.steps, 5 if args.warmup is None else args.warmup)
+    elif configs:
+        step_times(configs, overrides, args.steps)
+    if names or args.list or not configs:
+        register_all()
+        runner.run(names, argparse.Namespace(**{**vars(args), "warmup": 1 if args.warmup is None else args.warmup}))

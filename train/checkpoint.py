@@ -21,11 +21,10 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from arch.io import atomic_write
+from arch.io import atomic_write, load_weights, read_config
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, corrupt, or not one of ours."""
+from .errors import CheckpointError
+from .runs import run_dir_of  # noqa: F401  (re-exported: commands import it from here)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
@@ -100,62 +99,50 @@ class PeriodicCheckpoint(Checkpoint):
         self._save(trainer, pl_module)
 
 
-def run_dir_of(target: str | os.PathLike) -> Path:
-    """Where a command writes its outputs by default: a run or model directory itself, a checkpoint file's run
-    directory (the folder above ``checkpoints/``)."""
-    target = Path(target)
-    if target.is_dir():
-        return target
-    return target.parent.parent if target.parent.name == "checkpoints" else target.parent
+def is_exported(target: str | os.PathLike) -> bool:
+    """Whether ``target`` is an exported model directory (``model.safetensors`` + ``config.yaml``)."""
+    return (Path(target) / "model.safetensors").is_file()
 
 
-def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "cpu"):
-    """(config, model) from a checkpoint file, a run directory (its newest checkpoint) or an exported model
-    directory (``model.safetensors`` + ``config.yaml``). ``overrides`` apply to the saved config, so e.g.
-    ``model.mixer.type=dhsa`` rebuilds the model with another mixer and loads the same weights."""
-    from arch import build_model
-    from arch.io import load_weights
-
-    from .config import load_config
-
-    target = Path(target)
-    if (target / "model.safetensors").is_file():
-        from omegaconf import OmegaConf
-
-        model_cfg = OmegaConf.to_container(OmegaConf.load(target / "config.yaml"))
-        cfg = load_config(None, overrides, base={"model": model_cfg, "name": target.name})
-        try:
-            model = load_weights(build_model(cfg["model"]), target / "model.safetensors", map_location)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        return cfg, model.eval()
-    ckpt = read_checkpoint(target, map_location)
+def _config_of(ckpt: dict, target: str | os.PathLike) -> dict:
     try:
-        saved = ckpt["hyper_parameters"]["config"]
+        return ckpt["hyper_parameters"]["config"]
     except (KeyError, TypeError):
         raise CheckpointError(f"{target}: checkpoint has no saved config (hyper_parameters.config)") from None
-    cfg = load_config(None, overrides, base=saved)
-    model = build_model(cfg["model"])
-    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{target}: weights do not fit the model of its config: {str(e).splitlines()[0]}"
-        ) from None
-    return cfg, model.to(map_location).eval()
 
 
 def saved_config(target: str | os.PathLike) -> dict:
     """The config saved with a checkpoint file, run directory or exported model directory, before overrides and
     without building the model: ``load_config(None, overrides, base=saved_config(target))`` is the config
     ``load_trained(target, overrides)`` builds, so several override sets can be checked with one read."""
-    target = Path(target)
-    if (target / "model.safetensors").is_file():
-        from omegaconf import OmegaConf
+    if is_exported(target):
+        return {"model": read_config(target), "name": Path(target).name}
+    return _config_of(read_checkpoint(target), target)
 
-        return {"model": OmegaConf.to_container(OmegaConf.load(target / "config.yaml")), "name": target.name}
+
+def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "cpu"):
+    """(config, model) from a checkpoint file, a run directory (its newest checkpoint) or an exported model
+    directory (``model.safetensors`` + ``config.yaml``). ``overrides`` apply to the saved config, so e.g. another
+    ``model.mixer.type`` rebuilds the model with another mixer and loads the same weights. Every method's
+    ``on_load`` hook runs after the weights are in."""
+    from arch import build_model
+
+    from .config import load_config
+    from .methods import on_load
+
+    ckpt = None if is_exported(target) else read_checkpoint(target, map_location)
+    saved = saved_config(target) if ckpt is None else _config_of(ckpt, target)
+    cfg = load_config(None, overrides, base=saved)
+    model = build_model(cfg["model"])
     try:
-        return read_checkpoint(target)["hyper_parameters"]["config"]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{target}: checkpoint has no saved config (hyper_parameters.config)") from None
+        if ckpt is None:
+            load_weights(model, Path(target) / "model.safetensors", map_location)
+        else:
+            model.load_state_dict({k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k[:6] == "model."})
+    except ValueError as e:  # load_weights names the file and what is wrong
+        raise CheckpointError(str(e)) from None
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{target}: weights do not fit the model of its config: {first}") from None
+    on_load(model, cfg)
+    return cfg, model.to(map_location).eval()

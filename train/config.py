@@ -5,8 +5,7 @@
 * ``${...}`` interpolation is OmegaConf's (e.g. ``data.seq_len: ${model.max_seq_len}``).
 * Command-line overrides are OmegaConf dotlists: ``trainer.max_steps=100 model.mixer.type=dense``.
 * Merging (base <- child, config <- overrides) is recursive, except that a block spec whose ``type`` changes is
-  replaced whole: the old type's options do not leak into the new one (``model.ffn.type=pattention`` drops
-  ``activation``).
+  replaced whole: the old type's options do not leak into the new one (``arch.config.merge``).
 
 ``load_config`` merges and validates everything (model included) and returns a plain dict; nothing is
 written and nothing trains before the whole config has been checked.
@@ -22,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from arch.config import to_plain
+from arch.config import merge, to_plain
 from arch.registry import ConfigError, check_fields, fields_of_dataclass
 
 TOP_LEVEL = ("model", "data", "optim", "trainer", "seed", "name", "base")
@@ -49,13 +48,7 @@ class OptimConfig:
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    # Duo-LLM routers (model.ffn.type: duo, routing: router); see train.duo
-    router_budget: float = 0.5  # target mean P(big) over layers and tokens
-    router_aux_weight: float = 1.0  # α in CE + α·(mean P_big − budget)²
-    router_inv_temp: list[float] = dataclasses.field(default_factory=lambda: [1.0, 10.0])  # β from, to (geometric)
-    freeze_backbone: bool = False  # train only the Duo routers (stage 3 on a frozen stage-1 model)
-    # after `grow` + `fit --init-from`: train only the new parameter tokens (TokenFormer's reference trains all)
-    freeze_old_tokens: bool = False
+    # methods add their own optim.* keys (train.methods.Method.optim_fields)
 
 
 @dataclasses.dataclass
@@ -78,15 +71,6 @@ class TrainerConfig:
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
-
-
-def merge(base: Any, child: Any) -> Any:
-    """Recursive merge of plain containers; a mapping whose ``type`` differs from the base's replaces it."""
-    if not (isinstance(base, Mapping) and isinstance(child, Mapping)):
-        return child
-    if "type" in child and "type" in base and child["type"] != base["type"]:
-        return dict(child)
-    return {**base, **{k: merge(base[k], v) if k in base else v for k, v in child.items()}}
 
 
 def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -127,7 +111,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: Ma
 
 def validate(cfg: Mapping) -> dict:
     """Check the whole experiment config (model included, built on the meta device). Returns it resolved."""
-    from arch import build_model
+    from .methods import load_methods, optim_fields
 
     cfg = dict(to_plain(cfg))
     unknown = [k for k in cfg if k not in TOP_LEVEL]
@@ -136,48 +120,59 @@ def validate(cfg: Mapping) -> dict:
     if "model" not in cfg:
         raise ConfigError("model: required key is missing")
     for key, schema in SECTIONS.items():
-        cfg[key] = check_fields(cfg.get(key) or {}, fields_of_dataclass(schema), key)
+        extra = optim_fields() if key == "optim" else []
+        cfg[key] = check_fields(cfg.get(key) or {}, fields_of_dataclass(schema) + extra, key)
     cfg["seed"] = int(cfg.get("seed", 0))
+    cfg["model"] = _check_model(cfg["model"])
+    _check_data(cfg)
+    _check_trainer(cfg["trainer"])
+    if cfg["optim"]["warmup_steps"] < 0 or len(cfg["optim"]["betas"]) != 2:
+        raise ConfigError("optim: warmup_steps must be >= 0 and betas a list of two floats")
+    for method in load_methods().values():
+        method.validate(cfg)
+    return cfg
+
+
+def _check_model(model_cfg: dict) -> dict:
+    """The model section resolved by building the model on the meta device (no memory, every key checked)."""
+    import torch
+
+    from arch import build_model
+
+    with torch.device("meta"):
+        return dict(build_model(model_cfg).config)
+
+
+def _check_data(cfg: dict) -> None:
     from . import images
     from .data import SOURCES
 
-    cfg["data"]["source"] = SOURCES.build_spec(cfg["data"]["source"], "data.source")
-    import torch
-
-    with torch.device("meta"):
-        model = build_model(cfg["model"])
-    cfg["model"] = dict(model.config)
-    task, source_task = task_of(cfg), getattr(SOURCES.get(cfg["data"]["source"]["type"], ""), "task", "lm")
+    data = cfg["data"]
+    data["source"] = SOURCES.build_spec(data["source"], "data.source")
+    task, source_task = task_of(cfg), getattr(SOURCES.get(data["source"]["type"], ""), "task", "lm")
     if task != source_task:
         raise ConfigError(
-            f"data.source.type: {cfg['data']['source']['type']!r} is a {source_task} source but "
+            f"data.source.type: {data['source']['type']!r} is a {source_task} source but "
             f"model.kind {cfg['model']['kind']!r} is a {task} model"
         )
     if task == "classification":
-        cfg["data"]["augment"] = check_fields(
-            cfg["data"]["augment"], fields_of_dataclass(images.AugmentConfig), "data.augment"
-        )
-    elif cfg["data"]["augment"]:
+        data["augment"] = check_fields(data["augment"], fields_of_dataclass(images.AugmentConfig), "data.augment")
+    elif data["augment"]:
         raise ConfigError("data.augment: only image classification models take augmentation")
-    if task == "lm" and cfg["data"]["seq_len"] is None:
-        cfg["data"]["seq_len"] = cfg["model"]["max_seq_len"]
-    if task == "lm" and cfg["data"]["seq_len"] > cfg["model"]["max_seq_len"]:
-        raise ConfigError(
-            f"data.seq_len: {cfg['data']['seq_len']} exceeds model.max_seq_len={cfg['model']['max_seq_len']}"
-        )
+    if task == "lm" and data["seq_len"] is None:
+        data["seq_len"] = cfg["model"]["max_seq_len"]
+    if task == "lm" and data["seq_len"] > cfg["model"]["max_seq_len"]:
+        raise ConfigError(f"data.seq_len: {data['seq_len']} exceeds model.max_seq_len={cfg['model']['max_seq_len']}")
+    if data["batch_size"] < 1:
+        raise ConfigError(f"data.batch_size: must be >= 1, got {data['batch_size']}")
+
+
+def _check_trainer(trainer: dict) -> None:
     for key in ("max_steps", "log_every", "val_every", "ckpt_every", "accumulate_grad_batches"):
-        if cfg["trainer"][key] < 1:
-            raise ConfigError(f"trainer.{key}: must be >= 1, got {cfg['trainer'][key]}")
-    if cfg["trainer"]["keep_checkpoints"] == 0 or cfg["trainer"]["keep_checkpoints"] < -1:
+        if trainer[key] < 1:
+            raise ConfigError(f"trainer.{key}: must be >= 1, got {trainer[key]}")
+    if trainer["keep_checkpoints"] == 0 or trainer["keep_checkpoints"] < -1:
         raise ConfigError("trainer.keep_checkpoints: must be >= 1, or -1 to keep every checkpoint")
-    if cfg["data"]["batch_size"] < 1:
-        raise ConfigError(f"data.batch_size: must be >= 1, got {cfg['data']['batch_size']}")
-    beta = cfg["optim"]["router_inv_temp"]
-    if len(beta) != 2 or min(beta) <= 0:
-        raise ConfigError(f"optim.router_inv_temp: expected [from, to], both > 0, got {beta}")
-    if cfg["optim"]["warmup_steps"] < 0 or len(cfg["optim"]["betas"]) != 2:
-        raise ConfigError("optim: warmup_steps must be >= 0 and betas a list of two floats")
-    return cfg
 
 
 def task_of(cfg: Mapping) -> str:

@@ -24,10 +24,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from arch.io import atomic_write
 from arch.registry import ConfigError, Registry
@@ -163,7 +162,11 @@ class HFSource:
     """``datasets.load_dataset(name, config_name, data_files=..., split=...)``; needs the network unless the
     dataset is local or a packaged builder (``json``, ``parquet``, ``text``) over local files. Without
     ``val_split`` the last ``val_fraction`` of the training token stream is held out. ``max_tokens`` caps what
-    is read (needed for streaming)."""
+    is read (needed for streaming). ``revision`` pins a hub dataset's version (a branch, tag or commit).
+
+    The token cache is keyed on the name, config, revision, splits and text field (the spec) and on the size and
+    modification time of every local file the dataset reads (a local dataset folder or ``data_files``): a changed
+    local file is re-tokenized. A hub dataset without a pinned ``revision`` is cached as first read."""
 
     def __init__(
         self,
@@ -171,6 +174,7 @@ class HFSource:
         name: str,
         config_name: Optional[str] = None,
         data_files: Any = None,
+        revision: Optional[str] = None,
         split: str = "train",
         val_split: Optional[str] = None,
         text_field: str = "text",
@@ -178,13 +182,30 @@ class HFSource:
         max_tokens: Optional[int] = None,
         val_fraction: float = 0.01,
     ):
-        self.name, self.config_name, self.data_files = name, config_name, data_files
+        self.name, self.config_name, self.data_files, self.revision = name, config_name, data_files, revision
         self.splits = {"train": split, "validation": val_split}
         self.text_field, self.streaming = text_field, streaming
         self.max_tokens, self.val_fraction = max_tokens, val_fraction
 
+    def local_files(self) -> list[str]:
+        """Every local file this source reads: ``data_files`` (paths or globs, in a string, list or split
+        mapping, relative to a local dataset folder ``name`` if there is one) and a local dataset folder's files."""
+        root = Path(os.path.expanduser(self.name))
+        patterns = self.data_files
+        if isinstance(patterns, dict):
+            patterns = [p for v in patterns.values() for p in ([v] if isinstance(v, str) else v)]
+        elif isinstance(patterns, str):
+            patterns = [patterns]
+        found = set()
+        for pat in patterns or []:
+            base = root if root.is_dir() and not os.path.isabs(os.path.expanduser(pat)) else Path()
+            found.update(glob.glob(str(base / os.path.expanduser(pat)), recursive=True))
+        if root.is_dir() and not patterns:
+            found.update(str(p) for p in root.rglob("*") if p.is_file())
+        return sorted(f for f in found if os.path.isfile(f))
+
     def fingerprint(self) -> list:
-        return []
+        return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in self.local_files()]
 
     def load(self, split: str):
         import datasets
@@ -192,7 +213,12 @@ class HFSource:
         if self.splits[split] is None:
             return None
         ds = datasets.load_dataset(
-            self.name, self.config_name, data_files=self.data_files, split=self.splits[split], streaming=self.streaming
+            self.name,
+            self.config_name,
+            data_files=self.data_files,
+            revision=self.revision,
+            split=self.splits[split],
+            streaming=self.streaming,
         )
         if self.text_field not in ds.column_names:
             raise ConfigError(
@@ -307,52 +333,6 @@ class ValWindows(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         s = self.starts[i]
         return torch.from_numpy(self.tokens[s : s + self.T + 1].astype(np.int64))  # [T+1]
-
-
-class LMDataModule(L.LightningDataModule):
-    def __init__(self, cfg: dict, full_validation: bool = False):
-        super().__init__()
-        self.cfg, self.data_cfg = cfg, cfg["data"]
-        self.full_validation = full_validation
-        self.tokenizer = build_tokenizer(self.data_cfg["tokenizer"])
-        if self.tokenizer.vocab_size > cfg["model"]["vocab_size"]:
-            raise ConfigError(
-                f"model.vocab_size: {cfg['model']['vocab_size']} is smaller than the tokenizer's vocabulary "
-                f"({self.tokenizer.vocab_size}); set model.vocab_size >= {self.tokenizer.vocab_size}"
-            )
-        self.splits: dict | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            self.splits = load_tokens(self.data_cfg, self.tokenizer)
-
-    @property
-    def bytes_per_token(self) -> float:
-        self.setup()
-        return self.splits["validation"]["bytes_per_token"]
-
-    def train_dataloader(self) -> DataLoader:
-        tr = self.cfg["trainer"]
-        accum = tr["accumulate_grad_batches"]
-        trainer = self.trainer
-        done = trainer.global_step * accum if trainer is not None else 0  # micro-batches already trained (resume)
-        rank = trainer.global_rank if trainer is not None else 0
-        ds = TrainWindows(
-            self.splits["train"]["tokens"],
-            self.data_cfg["seq_len"],
-            self.data_cfg["batch_size"],
-            self.cfg["seed"],
-            done,
-            tr["max_steps"] * accum,
-            rank,
-        )
-        return DataLoader(ds, batch_size=None, shuffle=False)
-
-    def val_dataloader(self) -> DataLoader:
-        B, vb = self.data_cfg["batch_size"], self.data_cfg["val_batches"]
-        max_windows = None if self.full_validation or vb is None else vb * B
-        ds = ValWindows(self.splits["validation"]["tokens"], self.data_cfg["seq_len"], max_windows)
-        return DataLoader(ds, batch_size=B, shuffle=False)
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:

@@ -1,31 +1,50 @@
-"""``python -m train eval``: loss and bits per byte of a trained model on the whole held-out split."""
+"""Loss and bits per byte of a trained model on the whole held-out split.
+
+    python -m train eval <checkpoint | run dir | model dir> [dotted.key=value ...]
+
+Overrides apply to the saved config, e.g. another ``model.mixer`` evaluates the same weights with another
+attention. ``mean_loss`` is the one evaluation loop of the repo (also used by the long-context study).
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_trained
-from .data import LMDataModule, bits_per_byte
-from .module import lm_loss
+from .cli import add_target
 
 
 @torch.no_grad()
-def evaluate_model(model, data: LMDataModule, progress: bool = True) -> dict:
-    """Token-weighted mean cross-entropy over every validation window."""
+def mean_loss(model, batches: Iterable[torch.Tensor], device="cpu", progress: str | None = None) -> dict:
+    """Token-weighted mean next-token cross-entropy (nats) of ``model`` over ``batches`` (LongTensors
+    [b, T + 1]) -> {"loss", "tokens"}; ``progress``: a tqdm description, or None for no bar."""
     model.eval()
-    total, n = 0.0, 0
-    for batch in tqdm(data.val_dataloader(), desc="eval", disable=not progress, leave=False):
-        tokens = batch[:, 1:].numel()
-        total += lm_loss(model, batch).item() * tokens
-        n += tokens
-    loss = total / n
-    return {"loss": loss, "bpb": bits_per_byte(loss, data.bytes_per_token), "ppl": math.exp(loss), "tokens": n}
+    total, count = 0.0, 0
+    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+        batch = batch.to(device=device, dtype=torch.long)  # [b, T + 1]
+        logits = model(batch[:, :-1])  # [b, T, V]
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return {"loss": total / count, "tokens": count}
+
+
+def evaluate_model(model, data, progress: bool = True) -> dict:
+    """``mean_loss`` over every validation window of an ``LMDataModule`` -> {"loss", "bpb", "ppl", "tokens"}."""
+    from .data import bits_per_byte
+
+    r = mean_loss(model, data.val_dataloader(), next(model.parameters()).device, "eval" if progress else None)
+    return {**r, "bpb": bits_per_byte(r["loss"], data.bytes_per_token), "ppl": math.exp(r["loss"])}
 
 
 def evaluate(target: str, overrides=()) -> dict:
+    from .checkpoint import load_trained
+    from .datamodules import LMDataModule
+
     cfg, model = load_trained(target, overrides)
     data = LMDataModule(cfg, full_validation=True)
     data.setup()
@@ -35,3 +54,11 @@ def evaluate(target: str, overrides=()) -> dict:
     r = evaluate_model(model, data)
     print(f"val loss {r['loss']:.4f} nats/token | {r['bpb']:.4f} bits/byte | ppl {r['ppl']:.3f} | {r['tokens']} tokens")
     return r
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_target(p, "checkpoint file, run directory, or exported model directory")
+
+
+def run(args: argparse.Namespace) -> None:
+    evaluate(args.target, args.overrides)

@@ -1,6 +1,14 @@
-"""Sampling from a trained LM (``python -m train sample``)."""
+"""Generate text from a trained LM.
+
+    python -m train sample <checkpoint | run dir | model dir> [dotted.key=value ...] [--prompt TEXT] [--tokens N]
+
+Decoding is incremental (each layer's cache) while the sequence fits the context; a mixer without incremental
+decoding re-runs the window for every new token.
+"""
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch import nn
@@ -8,7 +16,8 @@ from torch import nn
 
 def _prefill_cache(model: nn.Module, out: torch.Tensor):
     """(logits of the last position [1, V], decoding cache) by feeding the prompt through ``model.step``, or
-    (None, None) if some layer cannot decode incrementally (e.g. mixer ``bra``) or the prompt fills the context."""
+    (None, None) if some layer cannot decode incrementally (a mixer without ``step``) or the prompt fills the
+    context."""
     if not hasattr(model, "step") or out.shape[1] >= model.max_seq_len:
         return None, None
     cache = model.new_cache()
@@ -74,10 +83,25 @@ def generate_text(
     return tokenizer.decode(generate(model, ids, n_new, temperature, top_k, seed))
 
 
-def sample_command(target, overrides, prompt, tokens, temperature, top_k, seed) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_target
+
+    add_target(p, "checkpoint file, run directory, or exported model directory")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> None:
     from .checkpoint import load_trained
     from .data import build_tokenizer
 
-    cfg, model = load_trained(target, overrides)
-    print(f"sampling {tokens} tokens from {target} (temperature {temperature}, top-k {top_k}, seed {seed})")
-    print(generate_text(model, build_tokenizer(cfg["data"]["tokenizer"]), prompt, tokens, temperature, top_k, seed))
+    cfg, model = load_trained(args.target, args.overrides)
+    print(
+        f"sampling {args.tokens} tokens from {args.target} (temperature {args.temperature}, top-k {args.top_k}, "
+        f"seed {args.seed})"
+    )
+    tokenizer = build_tokenizer(cfg["data"]["tokenizer"])
+    print(generate_text(model, tokenizer, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))

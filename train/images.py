@@ -18,11 +18,10 @@ import dataclasses
 import math
 from typing import Optional
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from arch.registry import ConfigError
 
@@ -158,48 +157,3 @@ def random_resized_crop(x: torch.Tensor, scale: list[float], hflip: bool, gen: t
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw * flip, cx, sh, cy
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-class ImageDataModule(L.LightningDataModule):
-    """Shuffled training batches (seeded), augmented after transfer to the device; normalised val batches."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.cfg, self.data_cfg = cfg, cfg["data"]
-        self.source = SOURCES.create(self.data_cfg["source"])
-        self.augment = self.data_cfg["augment"]
-        self.splits: dict | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            self.splits = self.source.load()
-            if self.source.num_classes > self.cfg["model"]["num_classes"]:
-                raise ConfigError(
-                    f"model.num_classes: {self.cfg['model']['num_classes']} is smaller than the "
-                    f"{self.source.num_classes} classes of the data"
-                )
-            self._gen = torch.Generator().manual_seed(self.cfg["seed"])
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.cfg["seed"])
-        return DataLoader(
-            self.splits["train"],
-            batch_size=self.data_cfg["batch_size"],
-            shuffle=True,
-            drop_last=True,
-            generator=g,
-            num_workers=self.data_cfg["num_workers"],
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.splits["validation"], batch_size=self.data_cfg["batch_size"], num_workers=self.data_cfg["num_workers"]
-        )
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch  # [B, C, S, S] in [0, 1], [B]
-        if self.trainer is not None and self.trainer.training:
-            x = random_resized_crop(x, self.augment["crop_scale"], self.augment["hflip"], self._gen)
-        mean = torch.tensor(self.source.mean, device=x.device)[:, None, None]
-        std = torch.tensor(self.source.std, device=x.device)[:, None, None]
-        return (x - mean) / std, y

@@ -1,6 +1,11 @@
-"""``python -m train info``: resolved config, per-layer block table, parameter count, FLOPs per token."""
+"""Resolved config, per-layer block table, parameter count and FLOPs per token of a config.
+
+python -m train info configs/lm/gpt-tiny.yaml [dotted.key=value ...]
+"""
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from omegaconf import OmegaConf
@@ -8,7 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from arch import build_model
 
+from .cli import add_target
 from .config import load_config, task_of
+from .methods import load_methods
 
 
 def forward_flops_per_token(model_cfg: dict, seq_len: int | None = None) -> float:
@@ -34,15 +41,6 @@ def _spec(spec: dict) -> str:
     return f"{spec['type']} {opts}".strip()
 
 
-# BiFormer paper, Table 1 (ImageNet-1k, 224×224): (depths, dims) -> (name, params M, GFLOPs as fvcore counts
-# them, i.e. multiply-accumulates)
-PAPER_BIFORMER = {
-    ((2, 2, 8, 2), (64, 128, 256, 512)): ("BiFormer-T", 13.1, 2.2),
-    ((4, 4, 18, 4), (64, 128, 256, 512)): ("BiFormer-S", 25.5, 4.5),
-    ((4, 4, 18, 4), (96, 192, 384, 768)): ("BiFormer-B", 56.8, 9.8),
-}
-
-
 def image_forward_flops(model_cfg: dict, size: int) -> float:
     """Forward FLOPs (2 per multiply-add) of one ``size``×``size`` image, counted on the meta device."""
     with torch.device("meta"):
@@ -59,14 +57,14 @@ def classifier_info(cfg: dict) -> dict:
     params = count_params(model)
     size = m["image_size"]
     flops = image_forward_flops(m, size)
-    paper = PAPER_BIFORMER.get((tuple(m["depths"]), tuple(m["dims"])))
+    paper = model.paper_reference() if hasattr(model, "paper_reference") else None
     print(
         f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M)"
-        + (f"  | paper ({paper[0]}, 1000 classes): {paper[1]}M" if paper else "")
+        + (f"  | paper ({paper['name']}, 1000 classes): {paper['params_m']}M" if paper else "")
     )
     print(
         f"FLOPs at {size}x{size}: {flops / 2e9:.3f} G multiply-adds ({flops / 1e9:.3f} GFLOP)"
-        + (f"  | paper: {paper[2]} G (fvcore counts multiply-adds)" if paper else "")
+        + (f"  | paper: {paper['gmacs']} G (fvcore counts multiply-adds)" if paper else "")
     )
     return {"params": params, "forward_flops": flops, "paper": paper}
 
@@ -90,6 +88,15 @@ def info(config_path: str, overrides=()) -> dict:
         f"FLOPs per token at T={cfg['data']['seq_len']}: forward {flops / 1e6:.2f} MFLOP, "
         f"training (fwd+bwd = 3x fwd) {3 * flops / 1e6:.2f} MFLOP"
     )
-    if any(r["ffn"]["type"] == "duo" for r in rows):
-        print("  (duo FFN layers counted with every token routed big: an upper bound)")
+    for method in load_methods().values():
+        for line in method.describe(model):
+            print(f"  {line}")
     return {"params": params, "forward_flops_per_token": flops}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_target(p, "config YAML")
+
+
+def run(args: argparse.Namespace) -> None:
+    info(args.target, args.overrides)

@@ -12,11 +12,8 @@ from torch import nn
 
 from arch import build_model
 
-from .duo import DuoHooks, freeze_backbone
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training loss became NaN or inf."""
+from .errors import NonFiniteLossError
+from .methods import attach_all
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -63,9 +60,9 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 class LMModule(L.LightningModule):
     """Trains ``arch.build_model(cfg["model"])`` on next-token prediction.
 
-    Logged: train/loss, train/bpb, train/tokens_per_s, train/grad_norm, lr, val/loss, val/bpb; with Duo FFN layers
-    also duo/layer{i}/{skip,small,big} (route fractions) and, with routers, train/router_aux and
-    duo/router_inv_temp. The loss minimised is train/loss (CE) + train/router_aux (``train.duo``).
+    Logged: train/loss, train/bpb, train/tokens_per_s, train/grad_norm, lr, val/loss, val/bpb, and whatever the
+    hooks of the model's methods add (``train.methods``): their auxiliary losses (``train/<name>``, added to
+    the cross-entropy that train/loss reports) and metrics.
     A non-finite loss is recorded on device (no host sync per step) and raised as ``NonFiniteLossError`` at the
     next log step or checkpoint, naming the first bad step, before anything is saved.
     """
@@ -76,9 +73,7 @@ class LMModule(L.LightningModule):
         self.cfg = config
         self.bytes_per_token = bytes_per_token
         self.model = build_model(config["model"])
-        self.duo = DuoHooks(self.model, config)
-        if config["optim"]["freeze_backbone"]:
-            freeze_backbone(self.model)
+        self.hooks = list(attach_all(self.model, config).values())  # the model's methods' training hooks
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
         self._fwd = None
         self._t_last, self._items = None, 0
@@ -92,19 +87,23 @@ class LMModule(L.LightningModule):
         return (self.model if self._fwd is None else self._fwd)(inputs)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        if self.duo:
-            self.duo.before_batch(self.global_step, batch_idx % self.cfg["trainer"]["accumulate_grad_batches"], rank)
+        micro = batch_idx % self.cfg["trainer"]["accumulate_grad_batches"]
+        for h in self.hooks:
+            h.before_batch(self.global_step, micro, self.rank)
         loss = lm_loss(self, batch)
-        aux = self.duo.aux_loss() if self.duo else None
+        aux = {name: t for h in self.hooks for name, t in h.aux_losses().items()}
         if self.track(loss, batch[:, 1:].numel(), "train/tokens_per_s"):
             self.log("train/bpb", loss.detach() / math.log(2) / self.bytes_per_token)
-            if self.duo:
-                self.log_dict(self.duo.stats())
-        if aux is not None:
-            self.log("train/router_aux", aux.detach())
-            return loss + aux
+            for h in self.hooks:
+                self.log_dict(h.metrics())
+        for name, term in aux.items():
+            self.log(f"train/{name}", term.detach())
+            loss = loss + term
         return loss
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self._trainer is not None else 0
 
     def track(self, loss: torch.Tensor, n_items: int, rate_name: str) -> bool:
         """Per-step bookkeeping shared by every task: the on-device non-finite flag, train/loss, and, on log steps
@@ -132,8 +131,8 @@ class LMModule(L.LightningModule):
             )
 
     def on_validation_epoch_start(self) -> None:
-        if self.duo:
-            self.duo.before_validation(self.global_step, self.trainer.global_rank if self._trainer is not None else 0)
+        for h in self.hooks:
+            h.before_validation(self.global_step, self.rank)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = lm_loss(self, batch)

@@ -155,7 +155,7 @@ def test_tokenformer_lm_is_causal():
 def test_paper_configs_build_on_meta_within_6_percent(name, target):
     from train.config import load_config
 
-    cfg = load_config(CONFIGS / f"tokenformer-{name}.yaml")
+    cfg = load_config(CONFIGS / f"paper/tokenformer-{name}.yaml")
     with torch.device("meta"):
         model = arch.build_model(cfg["model"])
     n = sum(p.numel() for p in model.parameters())

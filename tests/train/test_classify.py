@@ -13,7 +13,7 @@ from train.module import topk_accuracy
 
 from ..conftest import CONFIGS
 
-DIGITS = str(CONFIGS / "biformer-tiny-digits.yaml")
+DIGITS = str(CONFIGS / "vision/biformer-tiny-digits.yaml")
 
 
 def micro(tmp_path, **extra):
@@ -47,7 +47,7 @@ def test_digits_fit_logs_accuracy_and_exports(tmp_path, capsys):
 
 
 def test_info_prints_params_and_flops_beside_the_paper(capsys):
-    assert main(["info", str(CONFIGS / "biformer-t.yaml")]) == 0
+    assert main(["info", str(CONFIGS / "paper/biformer-t.yaml")]) == 0
     out = capsys.readouterr().out
     assert "13,145,832" in out and "paper (BiFormer-T, 1000 classes): 13.1M" in out
     assert "FLOPs at 224x224: 2.2" in out and "paper: 2.2 G" in out
@@ -57,7 +57,7 @@ def test_info_prints_params_and_flops_beside_the_paper(capsys):
 def test_paper_configs_are_within_one_percent_of_the_paper(name, params):
     import arch
 
-    cfg = load_config(CONFIGS / f"biformer-{name}.yaml")
+    cfg = load_config(CONFIGS / f"paper/biformer-{name}.yaml")
     with torch.device("meta"):
         n = sum(p.numel() for p in arch.build_model(cfg["model"]).parameters())
     assert abs(n / params - 1) < 0.01
@@ -65,7 +65,7 @@ def test_paper_configs_are_within_one_percent_of_the_paper(name, params):
 
 def test_text_source_with_image_model_is_a_config_error():
     with pytest.raises(ConfigError, match="data.source.type: 'digits' is a classification source but model.kind 'lm'"):
-        load_config(CONFIGS / "gpt-tiny.yaml", ["data.source={type: digits}"])
+        load_config(CONFIGS / "lm/gpt-tiny.yaml", ["data.source={type: digits}"])
     with pytest.raises(ConfigError, match="data.augment.flip: unknown key"):
         load_config(DIGITS, ["data.augment.flip=true"])
 

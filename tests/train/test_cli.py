@@ -9,7 +9,7 @@ from train.info import forward_flops_per_token
 
 from ..conftest import CONFIGS, micro_overrides
 
-TINY = str(CONFIGS / "gpt-tiny.yaml")
+TINY = str(CONFIGS / "lm/gpt-tiny.yaml")
 
 
 def test_info_prints_table_params_and_flops(capsys):

@@ -13,12 +13,12 @@ from train.data import (
     SHAKESPEARE_VAL,
     ByteTokenizer,
     JSONTokenizer,
-    LMDataModule,
     ShakespeareSource,
     TrainWindows,
     ValWindows,
     load_tokens,
 )
+from train.datamodules import LMDataModule
 
 from ..conftest import CONFIGS
 
@@ -129,6 +129,19 @@ def test_hf_source_with_local_json_builder(tmp_path, cache_dir, streaming):
         load_tokens({"source": bad, "tokenizer": "byte", "cache_dir": str(cache_dir / "bad")}, ByteTokenizer())
 
 
+def test_hf_source_cache_notices_a_changed_local_file(tmp_path):
+    """The token cache is keyed on the local files' sizes and times: editing the data re-tokenizes it."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"old line {i}"}) for i in range(50)))
+    src = {"type": "hf", "name": "json", "data_files": {"train": [str(data)]}, "val_fraction": 0.2}
+    cfg = {"source": src, "tokenizer": "byte", "cache_dir": str(tmp_path / "cache")}
+    before = load_tokens(cfg, ByteTokenizer())["train"]["tokens"]
+    data.write_text("\n".join(json.dumps({"text": f"new text, longer line {i}"}) for i in range(50)))
+    after = load_tokens(cfg, ByteTokenizer())["train"]["tokens"]
+    assert bytes(before[:3].astype(np.uint8)) == b"old" and bytes(after[:3].astype(np.uint8)) == b"new"
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2  # one cache file per version of the data
+
+
 def test_json_tokenizer_option(tmp_path, cache_dir):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -144,7 +157,7 @@ def test_json_tokenizer_option(tmp_path, cache_dir):
     assert jt.eos_id == 1 and jt.vocab_size <= 300
     assert jt.decode(jt.encode("to be or not")).strip() == "to be or not"
     cfg = load_config(
-        CONFIGS / "gpt-tiny.yaml", [f"data.tokenizer={tmp_path / 'tok.json'}", f"data.cache_dir={cache_dir}"]
+        CONFIGS / "lm/gpt-tiny.yaml", [f"data.tokenizer={tmp_path / 'tok.json'}", f"data.cache_dir={cache_dir}"]
     )
     small = {**cfg, "model": {**cfg["model"], "vocab_size": jt.vocab_size - 1}}
     with pytest.raises(ConfigError, match=f"model.vocab_size: {jt.vocab_size - 1} is smaller"):

@@ -11,12 +11,12 @@ import torch
 import train.module
 from train.checkpoint import CheckpointError, load_trained, read_checkpoint
 from train.cli import main
+from train.errors import NonFiniteLossError
 from train.fit import fit
-from train.module import NonFiniteLossError
 
 from ..conftest import CONFIGS, ROOT, micro_overrides
 
-TINY = str(CONFIGS / "gpt-tiny.yaml")
+TINY = str(CONFIGS / "lm/gpt-tiny.yaml")
 
 
 def train_losses(run_dir) -> dict[int, float]:

@@ -1,4 +1,4 @@
-"""``python -m train needle``: long-context evaluation of one trained LM under several attention variants.
+"""Long context: passkey retrieval grid and perplexity vs context length, dense vs sparse attention variants.
 
     python -m train needle <checkpoint | run dir | model dir> [dotted.key=value ...] [--variants dense dhsa fixed]
         [--budget B] [--mixer key=value ...] [--lengths 256 512 ...] [--depths 0 0.5 1] [--trials 10] [--seed 0]
@@ -40,6 +40,7 @@ per variant) and ``ppl.png`` (ppl vs context length) into ``--out`` (default ``<
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -58,10 +59,14 @@ from tqdm import tqdm
 from arch.attention import causal_attention_probs
 from arch.io import atomic_write
 from arch.registry import ConfigError
-
-from .checkpoint import load_trained, run_dir_of, saved_config
-from .config import load_config
-from .data import LMDataModule, bits_per_byte, build_tokenizer
+from train.checkpoint import load_trained, run_dir_of, saved_config
+from train.cli import add_target
+from train.config import load_config
+from train.data import bits_per_byte, build_tokenizer
+from train.datamodules import LMDataModule
+from train.evaluate import mean_loss
+from train.plotting import figure
+from train.runs import device_for
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is "
@@ -259,28 +264,29 @@ def selection_recall(q: torch.Tensor, k: torch.Tensor, kv: torch.Tensor, query_b
 
 @contextmanager
 def recording_recall(model):
-    """While active, every DHSA mixer of ``model`` also records ``selection_recall`` of its selections, one
-    sequence at a time; yields {layer: [sum of recalls, count]}."""
+    """While active, a forward hook on every DHSA mixer's ``selection_tap`` records ``selection_recall`` of its
+    selections, one sequence at a time; yields {layer: [sum of recalls, count]}."""
     from arch.dhsa import DHSA
 
     stats: dict[int, list[float]] = {}
-    mixers = [(i, b.mixer) for i, b in enumerate(model.blocks) if isinstance(b.mixer, DHSA)]
-    for i, m in mixers:
 
-        def select(q, k, m=m, i=i, original=m.select):  # the selection attend() uses, recorded on the way
-            kv = original(q, k)
+    def hook(i: int, query_block: int):
+        def record(module, inputs, output) -> None:
+            q, k, kv = inputs
+            acc = stats.setdefault(i, [0.0, 0])
             for b in range(q.shape[0]):
-                r = selection_recall(q[b : b + 1].float(), k[b : b + 1].float(), kv[b : b + 1], m.query_block)
-                acc = stats.setdefault(i, [0.0, 0])
+                r = selection_recall(q[b : b + 1].float(), k[b : b + 1].float(), kv[b : b + 1], query_block)
                 acc[0], acc[1] = acc[0] + r.sum().item(), acc[1] + r.numel()
-            return kv
 
-        m.select = select  # instance attribute: shadows the method until deleted
+        return record
+
+    mixers = [(i, b.mixer) for i, b in enumerate(model.blocks) if isinstance(b.mixer, DHSA)]
+    handles = [m.selection_tap.register_forward_hook(hook(i, m.query_block)) for i, m in mixers]
     try:
         yield stats
     finally:
-        for _, m in mixers:
-            del m.select
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -289,15 +295,12 @@ def perplexity(model, tokens: np.ndarray, starts: np.ndarray, length: int, batch
     ``batch_tokens`` tokens per forward pass; with DHSA mixers also their mean attention recall (all layers, and
     per layer), see ``selection_recall``."""
     per_batch = max(1, batch_tokens // length)
-    total, count = 0.0, 0
+    batches = (
+        torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts[i : i + per_batch]]))  # [b, length + 1]
+        for i in range(0, len(starts), per_batch)
+    )
     with recording_recall(model) as recall:
-        for i in range(0, len(starts), per_batch):
-            batch = torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts[i : i + per_batch]]))
-            batch = batch.to(device=device, dtype=torch.long)  # [b, length + 1]
-            logits = model(batch[:, :-1])  # [b, length, V]
-            total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-            count += batch[:, 1:].numel()
-    out = {"loss": total / count, "tokens": count, "windows": len(starts)}
+        out = {**mean_loss(model, batches, device), "windows": len(starts)}
     if recall:
         per_layer = {i: s / n for i, (s, n) in sorted(recall.items())}
         out.update(recall=sum(per_layer.values()) / len(per_layer), recall_per_layer=per_layer)
@@ -353,6 +356,58 @@ def resolve_lengths(requested: Optional[Sequence[int]], max_seq_len: int) -> lis
 Variants = Union[dict[str, list[str]], Callable[[list[int]], dict[str, list[str]]]]
 
 
+def check_args(trials: int, ppl_tokens: int, batch_tokens: int, depths: Sequence[float]) -> list[float]:
+    """The options every run checks first; returns the depths deduplicated, as floats."""
+    if trials < 1:
+        raise ConfigError(f"--trials: must be >= 1, got {trials}")
+    if ppl_tokens < 1 or batch_tokens < 1:
+        raise ConfigError("--ppl-tokens and --batch-tokens: must be >= 1")
+    bad = [d for d in depths if not 0 <= d <= 1]
+    if bad or not depths:
+        raise ConfigError(
+            f"--depths: {bad[0] if bad else 'none given'}; allowed depths: 0..1 (0 = start of the "
+            "haystack, 1 = right before the question)"
+        )
+    return [float(d) for d in dict.fromkeys(depths)]
+
+
+def check_variants(base: dict, overrides: Sequence[str], variants: dict, lengths: Sequence[int]) -> None:
+    """Every variant's config is checked before anything is evaluated."""
+    for name, extra in variants.items():
+        try:
+            vcfg = load_config(None, [*overrides, *extra], base=base)
+        except ConfigError as e:
+            raise ConfigError(f"variant {name} ({' '.join(extra)}): {e}") from None
+        if vcfg["model"]["max_seq_len"] < max(lengths):
+            raise ConfigError(
+                f"variant {name}: max_seq_len={vcfg['model']['max_seq_len']} is shorter than --lengths {max(lengths)}"
+            )
+
+
+def run_variant(target: str, overrides: Sequence[str], name: str, extra: list[str], inputs: dict, device) -> dict:
+    """Load one variant (the saved weights with ``extra`` overrides), evaluate it, free it."""
+    t0 = time.perf_counter()
+    _, model = load_trained(target, [*overrides, *extra], map_location=device)
+    layer_mixers = [spec["mixer"]["type"] for spec in getattr(model, "per_layer", [])]
+    want = _requested_mixer(extra)
+    kept = [i for i, m in enumerate(layer_mixers) if want is not None and m != want]
+    if kept:
+        print(
+            f"  note: variant {name}: layers {', '.join(map(str, kept))} keep their own mixer from "
+            f"model.layers ({', '.join(sorted({layer_mixers[i] for i in kept}))}), not {want}"
+        )
+    r = evaluate_variant(model, device=device, desc=name, **inputs)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    result = {"overrides": list(extra), "layer_mixers": layer_mixers, **r, "seconds": time.perf_counter() - t0}
+    ppl = " ".join(f"{p['ppl']:.3f}@{p['length']}" for p in r["ppl"])
+    acc = np.mean(r["passkey"]["accuracy"])
+    print(f"  {name}: mean passkey accuracy {acc:.3f}, ppl {ppl} ({result['seconds']:.1f} s)", flush=True)
+    return result
+
+
 def needle(
     target: str,
     overrides: Sequence[str] = (),
@@ -371,17 +426,7 @@ def needle(
     """Evaluate ``target`` under each variant ({name: overrides}; default: ``dense`` only); print the tables,
     write needle.json, needle.png and ppl.png. ``variants`` may also be a function of the resolved lengths
     (``lengths -> {name: overrides}``), for defaults that depend on them (the sparse budget)."""
-    if trials < 1:
-        raise ConfigError(f"--trials: must be >= 1, got {trials}")
-    if ppl_tokens < 1 or batch_tokens < 1:
-        raise ConfigError("--ppl-tokens and --batch-tokens: must be >= 1")
-    bad = [d for d in depths if not 0 <= d <= 1]
-    if bad or not depths:
-        raise ConfigError(
-            f"--depths: {bad[0] if bad else 'none given'}; allowed depths: 0..1 (0 = start of the "
-            "haystack, 1 = right before the question)"
-        )
-    depths = [float(d) for d in dict.fromkeys(depths)]
+    depths = check_args(trials, ppl_tokens, batch_tokens, depths)
     base = saved_config(target)
     cfg = load_config(None, overrides, base=base)
     lengths = resolve_lengths(lengths, cfg["model"]["max_seq_len"])
@@ -392,107 +437,54 @@ def needle(
             f"--lengths: {min(lengths)} leaves no room for a haystack: the needle, question and "
             f"answer take {need} tokens; allowed lengths: {need + 1}..{cfg['model']['max_seq_len']}"
         )
-    if callable(variants):
-        variants = variants(lengths)
-    variants = dict(variants or {"dense": []})
-    for name, extra in variants.items():  # every variant's config is checked before anything is evaluated
-        try:
-            vcfg = load_config(None, [*overrides, *extra], base=base)
-        except ConfigError as e:
-            raise ConfigError(f"variant {name} ({' '.join(extra)}): {e}") from None
-        if vcfg["model"]["max_seq_len"] < max(lengths):
-            raise ConfigError(
-                f"variant {name}: max_seq_len={vcfg['model']['max_seq_len']} is shorter than --lengths {max(lengths)}"
-            )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    variants = dict((variants(lengths) if callable(variants) else variants) or {"dense": []})
+    check_variants(base, overrides, variants, lengths)
+    device = device_for()
     out = Path(out_dir) if out_dir else run_dir_of(target) / "needle"
     data = LMDataModule(cfg, full_validation=True)
     data.setup()
     val = data.splits["validation"]["tokens"]
-    source = cfg["data"]["source"]["type"]
-    cells = build_cells(val, tokenizer, lengths, depths, trials, seed, key)
-    windows = ppl_windows(len(val), lengths, ppl_tokens)
-    n_ppl = len(windows[max(lengths)]) * max(lengths)
+    inputs = {"cells": build_cells(val, tokenizer, lengths, depths, trials, seed, key), "val_tokens": val}
+    inputs.update(windows=ppl_windows(len(val), lengths, ppl_tokens), lengths=lengths, depths=depths)
+    inputs.update(bytes_per_token=data.bytes_per_token, batch_tokens=batch_tokens, progress=progress)
+    n_ppl = len(inputs["windows"][max(lengths)]) * max(lengths)
     print(
         f"needle {target} on {device}: variants {', '.join(variants)}; passkey retrieval at lengths "
         f"{' '.join(map(str, lengths))} x depths {' '.join(f'{d:g}' for d in depths)} x {trials} trials "
         f"(seed {seed}, teacher-forced); perplexity on the same {n_ppl} tokens at every length; "
-        f"haystack and perplexity text: {source} held-out split ({len(val)} tokens)\n"
+        f"haystack and perplexity text: {cfg['data']['source']['type']} held-out split ({len(val)} tokens)\n"
         f"  writing {out}/ (needle.json, needle.png, ppl.png)",
         flush=True,
     )
-    results = {}
-    for name, extra in variants.items():  # one model in memory at a time
-        t0 = time.perf_counter()
-        _, model = load_trained(target, [*overrides, *extra], map_location=device)
-        layer_mixers = [spec["mixer"]["type"] for spec in getattr(model, "per_layer", [])]
-        want = _requested_mixer(extra)
-        kept = [i for i, m in enumerate(layer_mixers) if want is not None and m != want]
-        if kept:
-            print(
-                f"  note: variant {name}: layers {', '.join(map(str, kept))} keep their own mixer from "
-                f"model.layers ({', '.join(sorted({layer_mixers[i] for i in kept}))}), not {want}"
-            )
-        r = evaluate_variant(
-            model,
-            cells,
-            val,
-            windows,
-            lengths,
-            depths,
-            data.bytes_per_token,
-            batch_tokens,
-            device,
-            desc=name,
-            progress=progress,
-        )
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        results[name] = {
-            "overrides": list(extra),
-            "layer_mixers": layer_mixers,
-            **r,
-            "seconds": time.perf_counter() - t0,
-        }
-        acc = np.mean(r["passkey"]["accuracy"])
-        print(
-            f"  {name}: mean passkey accuracy {acc:.3f}, ppl "
-            + " ".join(f"{p['ppl']:.3f}@{p['length']}" for p in r["ppl"])
-            + f" ({results[name]['seconds']:.1f} s)",
-            flush=True,
-        )
+    results = {name: run_variant(target, overrides, name, extra, inputs, device) for name, extra in variants.items()}
     if "dense" in results:
         for r in results.values():
             for row, ref in zip(r["ppl"], results["dense"]["ppl"]):
                 row["ppl_ratio_vs_dense"] = row["ppl"] / ref["ppl"]
+    if arguments is None:
+        arguments = {"target": str(target), "overrides": list(overrides), "lengths": lengths, "depths": depths}
+        arguments.update(trials=trials, seed=seed, ppl_tokens=ppl_tokens, batch_tokens=batch_tokens, out=str(out))
+    result = record(target, out, arguments, cfg, data, tokenizer, inputs["cells"], lengths, depths, trials, results)
+    print_tables(result)
+    atomic_write(out / "needle.json", lambda p: Path(p).write_text(json.dumps(result, indent=1)))
+    paths = plot(result, out)
+    print(f"\nwrote {out / 'needle.json'}, " + ", ".join(str(p) for p in paths))
+    return result
+
+
+def record(target, out, arguments, cfg, data, tokenizer, cells, lengths, depths, trials, results) -> dict:
+    """Everything ``needle.json`` holds: the arguments, the model and data, the prompt format, the results."""
     example = cells[lengths[0], depths[len(depths) // 2]][0]
-    result = {
+    m = cfg["model"]
+    return {
         "checkpoint": str(target),
         "out": str(out),
-        "arguments": arguments
-        or {
-            "target": str(target),
-            "overrides": list(overrides),
-            "lengths": lengths,
-            "depths": depths,
-            "trials": trials,
-            "seed": seed,
-            "ppl_tokens": ppl_tokens,
-            "batch_tokens": batch_tokens,
-            "out": str(out),
-        },
-        "model": {
-            "name": cfg.get("name"),
-            "max_seq_len": cfg["model"]["max_seq_len"],
-            "n_layers": cfg["model"]["n_layers"],
-            "d_model": cfg["model"]["d_model"],
-        },
+        "arguments": arguments,
+        "model": {"name": cfg.get("name"), **{k: m[k] for k in ("max_seq_len", "n_layers", "d_model")}},
         "data": {
             "source": cfg["data"]["source"],
             "tokenizer": cfg["data"]["tokenizer"],
-            "validation_tokens": int(len(val)),
+            "validation_tokens": int(len(data.splits["validation"]["tokens"])),
             "bytes_per_token": data.bytes_per_token,
         },
         "scoring": SCORING,
@@ -512,68 +504,74 @@ def needle(
         "trials": trials,
         "variants": results,
     }
-    print_tables(result)
-    atomic_write(out / "needle.json", lambda p: Path(p).write_text(json.dumps(result, indent=1)))
-    paths = plot(result, out)
-    print(f"\nwrote {out / 'needle.json'}, " + ", ".join(str(p) for p in paths))
-    return result
 
 
-def needle_command(
-    target: str,
-    overrides: Sequence[str],
-    variants: Sequence[str],
-    budget: Optional[int],
-    mixer: Sequence[str],
-    lengths: Optional[Sequence[int]],
-    depths: Sequence[float],
-    trials: int,
-    seed: int,
-    ppl_tokens: int,
-    batch_tokens: int,
-    out_dir: Optional[str],
-    key: str = "digits",
-) -> dict:
-    """The CLI entry: the named variants of ``variant_table`` at ``--budget`` (default: longest length // 4)."""
-    if budget is not None and budget < 1:
-        raise ConfigError(f"--budget: must be >= 1, got {budget}")
-    names = list(dict.fromkeys(variants))
-    variant_table(1, mixer)  # checks --mixer before the checkpoint is read
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_target(p, "checkpoint file, run directory, or exported model directory of an LM")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["dense", "dhsa", "fixed"],
+        default=["dense", "dhsa", "fixed"],
+        help="dense: as saved; dhsa: model.mixer.type=dhsa at --budget; fixed: dhsa with fixed blocks",
+    )
+    p.add_argument("--budget", type=int, default=None, help="sparse budget (model.mixer.budget; default: longest // 4)")
+    p.add_argument(
+        "--mixer",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option of both sparse variants, as model.mixer.KEY=VALUE (repeatable)",
+    )
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths (default: 256 .. 2048)")
+    p.add_argument(
+        "--depths",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_DEPTHS),
+        help="relative needle depths, 0 = start of the haystack, 1 = right before the question",
+    )
+    p.add_argument("--trials", type=int, default=10, help="random passkeys per (length, depth) cell")
+    p.add_argument(
+        "--key",
+        choices=["digits", "letters"],
+        default="digits",
+        help="passkey of 5 digits, or of 5 capital letters (models trained on text without digits)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of passkeys and haystacks (the same for every variant)")
+    p.add_argument("--ppl-tokens", type=int, default=65536, help="held-out tokens for perplexity (same at each length)")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass for perplexity")
+    p.add_argument("--out", default=None, help="output folder (default: <run dir>/needle)")
 
-    arguments = {
-        "target": str(target),
-        "overrides": list(overrides),
-        "variants": names,
-        "budget": budget,
-        "mixer": list(mixer),
-        "lengths": list(lengths) if lengths else None,
-        "depths": list(depths),
-        "trials": trials,
-        "seed": seed,
-        "ppl_tokens": ppl_tokens,
-        "batch_tokens": batch_tokens,
-        "out": out_dir,
-        "key": key,
-    }
+
+def run(args: argparse.Namespace) -> dict:
+    """The named variants of ``variant_table`` at ``--budget`` (default: longest length // 4)."""
+    if args.budget is not None and args.budget < 1:
+        raise ConfigError(f"--budget: must be >= 1, got {args.budget}")
+    names = list(dict.fromkeys(args.variants))
+    variant_table(1, args.mixer)  # checks --mixer before the checkpoint is read
+    arguments = {k: getattr(args, k) for k in ("target", "budget", "mixer", "lengths", "depths", "trials", "seed")}
+    arguments.update(overrides=list(args.overrides), variants=names, out=args.out, key=args.key)
+    arguments.update(ppl_tokens=args.ppl_tokens, batch_tokens=args.batch_tokens)
 
     def table(resolved: list[int]) -> dict[str, list[str]]:
-        arguments["budget_resolved"] = budget if budget is not None else max(1, max(resolved) // 4)
-        full = variant_table(arguments["budget_resolved"], mixer)
+        arguments["budget_resolved"] = args.budget if args.budget is not None else max(1, max(resolved) // 4)
+        full = variant_table(arguments["budget_resolved"], args.mixer)
         return {name: full[name] for name in names}
 
     return needle(
-        target,
-        overrides,
+        args.target,
+        args.overrides,
         table,
-        lengths,
-        depths,
-        trials,
-        seed,
-        ppl_tokens,
-        batch_tokens,
-        out_dir,
+        args.lengths,
+        args.depths,
+        args.trials,
+        args.seed,
+        args.ppl_tokens,
+        args.batch_tokens,
+        args.out,
         arguments=arguments,
-        key=key,
+        key=args.key,
     )
 
 
@@ -614,46 +612,31 @@ def print_tables(result: dict) -> None:
 
 def plot(result: dict, out: Path) -> list[Path]:
     """needle.png: an accuracy heatmap per variant (x = length, y = depth); ppl.png: ppl vs length per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lengths, depths, variants = result["lengths"], result["depths"], result["variants"]
     n = len(variants)
-    fig, axes = plt.subplots(
-        1,
-        n,
-        figsize=(2.2 + (0.9 * len(lengths) + 0.6) * n, 0.5 * len(depths) + 2.0),
-        squeeze=False,
-        sharey=True,
-        layout="constrained",
-    )
-    for ax, (name, r) in zip(axes[0], variants.items()):
-        acc = np.asarray(r["passkey"]["accuracy"])  # [depths, lengths]
-        im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                dark = acc[i, j] < 0.2 or acc[i, j] > 0.85  # the ends of RdYlGn are dark
-                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
-        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set(xlabel="context length (tokens)", title=name)
-    axes[0][0].set_ylabel("needle depth (0 = start)")
-    fig.colorbar(im, ax=axes[0].tolist(), label="passkey accuracy")
-    fig.suptitle(f"passkey retrieval, {result['trials']} trials per cell", fontsize=10)
     paths = [out / "needle.png", out / "ppl.png"]
-    atomic_write(paths[0], lambda p: fig.savefig(p, format="png", dpi=120))
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    for name, r in variants.items():
-        ax.plot(lengths, [row["ppl"] for row in r["ppl"]], "o-", label=name)
-    ax.set(xlabel="context length (tokens)", ylabel="perplexity (held-out)", title="perplexity vs context length")
-    if len(lengths) > 1 and max(lengths) / min(lengths) >= 4:
-        ax.set_xscale("log", base=2)
-        ax.minorticks_off()
-    ax.set_xticks(lengths, [str(L) for L in lengths])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(paths[1], lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close("all")
+    size = (2.2 + (0.9 * len(lengths) + 0.6) * n, 0.5 * len(depths) + 2.0)
+    with figure(paths[0], size, ncols=n, squeeze=False, sharey=True) as (fig, axes):
+        for ax, (name, r) in zip(axes[0], variants.items()):
+            acc = np.asarray(r["passkey"]["accuracy"])  # [depths, lengths]
+            im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    dark = acc[i, j] < 0.2 or acc[i, j] > 0.85  # the ends of RdYlGn are dark
+                    ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
+            ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set(xlabel="context length (tokens)", title=name)
+        axes[0][0].set_ylabel("needle depth (0 = start)")
+        fig.colorbar(im, ax=axes[0].tolist(), label="passkey accuracy")
+        fig.suptitle(f"passkey retrieval, {result['trials']} trials per cell", fontsize=10)
+    with figure(paths[1], (6.0, 4.0)) as (fig, ax):
+        for name, r in variants.items():
+            ax.plot(lengths, [row["ppl"] for row in r["ppl"]], "o-", label=name)
+        ax.set(xlabel="context length (tokens)", ylabel="perplexity (held-out)", title="perplexity vs context length")
+        if len(lengths) > 1 and max(lengths) / min(lengths) >= 4:
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.legend(fontsize=8)
     return paths

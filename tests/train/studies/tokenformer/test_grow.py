@@ -10,9 +10,9 @@ from train.checkpoint import load_trained
 from train.cli import main
 from train.fit import fit
 
-from ..conftest import CONFIGS, micro_overrides
+from ....conftest import CONFIGS, micro_overrides
 
-TF = str(CONFIGS / "tokenformer-tiny.yaml")
+TF = str(CONFIGS / "lm/tokenformer-tiny.yaml")
 SMALL = {"model.proj.qkv_tokens": 8, "model.proj.proj_tokens": 8, "model.ffn.n_tokens": 16}
 
 

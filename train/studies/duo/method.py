@@ -8,12 +8,14 @@ duo layer
 * the router inverse temperature β(step), annealed geometrically from ``optim.router_inv_temp[0]`` to ``[1]``
   over ``trainer.max_steps`` (stage 3: soft while β is small, close to the hard argmax used at inference).
 
-After the forward pass it gives the budget loss ``α · (mean over layers of P_big − budget)²`` (paper, Sec. 3.3)
-and the routing statistics logged to TensorBoard: ``duo/layer{i}/{skip,small,big}``, the fraction of tokens on
-each route per layer (mean router probabilities while soft).
+After the forward pass it gives the budget loss ``α · (mean over layers of P_big − budget)²`` (paper, Sec. 3.3),
+logged as ``train/router_aux``, and the routing statistics logged to TensorBoard: ``duo/layer{i}/{skip,small,big}``,
+the fraction of tokens on each route per layer (mean router probabilities while soft).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -21,6 +23,17 @@ from torch import nn
 
 from arch.duo import ROUTE_NAMES, DuoFFN
 from arch.registry import ConfigError
+from train.methods import METHODS, Hooks, Method
+
+
+@dataclasses.dataclass
+class DuoOptim:
+    """``optim.*`` keys of Duo-LLM routers (``model.ffn: {type: duo, routing: router}``)."""
+
+    router_budget: float = 0.5  # target mean P(big) over layers and tokens
+    router_aux_weight: float = 1.0  # α in CE + α·(mean P_big − budget)²
+    router_inv_temp: list[float] = dataclasses.field(default_factory=lambda: [1.0, 10.0])  # β from, to (geometric)
+    freeze_backbone: bool = False  # train only the Duo routers (stage 3 on a frozen stage-1 model)
 
 
 def duo_layers(model: nn.Module) -> list[DuoFFN]:
@@ -47,15 +60,12 @@ def freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(id(p) in routers)
 
 
-class DuoHooks:
-    """Per-step control and readout of a model's duo layers (used by ``train.module.LMModule``)."""
+class DuoHooks(Hooks):
+    """Per-step control and readout of a model's duo layers."""
 
-    def __init__(self, model: nn.Module, cfg: dict):
-        self.layers = duo_layers(model)
+    def __init__(self, layers: list[DuoFFN], cfg: dict):
+        self.layers = layers
         self.seed, self.optim, self.max_steps = cfg["seed"], cfg["optim"], cfg["trainer"]["max_steps"]
-
-    def __bool__(self) -> bool:
-        return bool(self.layers)
 
     def before_batch(self, step: int, micro: int = 0, rank: int = 0, split: int = 0) -> None:
         beta = inv_temp_at(step, self.optim, self.max_steps)
@@ -69,14 +79,15 @@ class DuoHooks:
         for layer in self.layers:
             layer.router_inv_temp = inv_temp_at(step, self.optim, self.max_steps)
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """α · (mean over router layers of P_big − budget)² of the last forward pass; None without soft routers."""
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """α · (mean over router layers of P_big − budget)² of the last forward pass; none without soft routers."""
         p_big = [layer.p_big for layer in self.layers if layer.p_big is not None]
         if not p_big:
-            return None
-        return self.optim["router_aux_weight"] * (torch.stack(p_big).mean() - self.optim["router_budget"]) ** 2
+            return {}
+        aux = self.optim["router_aux_weight"] * (torch.stack(p_big).mean() - self.optim["router_budget"]) ** 2
+        return {"router_aux": aux}
 
-    def stats(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """Fraction of tokens per route per layer in the last forward pass, and the router's β."""
         out = {}
         for i, layer in enumerate(self.layers):
@@ -85,3 +96,24 @@ class DuoHooks:
         if any(layer.routing == "router" for layer in self.layers):
             out["duo/router_inv_temp"] = self.layers[0].router_inv_temp
         return out
+
+
+@METHODS.register("duo")
+class Duo(Method):
+    optim_fields = DuoOptim
+
+    def validate(self, cfg: dict) -> None:
+        beta = cfg["optim"]["router_inv_temp"]
+        if len(beta) != 2 or min(beta) <= 0:
+            raise ConfigError(f"optim.router_inv_temp: expected [from, to], both > 0, got {beta}")
+
+    def attach(self, model: nn.Module, cfg: dict) -> DuoHooks | None:
+        if cfg["optim"]["freeze_backbone"]:
+            freeze_backbone(model)
+        layers = duo_layers(model)
+        return DuoHooks(layers, cfg) if layers else None
+
+    def describe(self, model: nn.Module) -> list[str]:
+        if not duo_layers(model):
+            return []
+        return ["(duo FFN layers counted with every token routed big: an upper bound)"]

@@ -1,4 +1,7 @@
-"""``python -m train dhsa-boundaries``: train DHSA's learned chunk-boundary predictors on a trained model's keys
+"""DHSA: train the learned chunk-boundary predictors on a model's keys, labeled by its own attention.
+
+    python -m train dhsa-boundaries <checkpoint | run dir | model dir> [--batches 32] [--steps 300] [--out FILE]
+
 (Xiong et al., "Long-Context Modeling with Dynamic Hierarchical Sparse Attention for On-Device LLMs",
 arXiv 2510.24606, Sec. 3.1; labels and loss as in the authors' code).
 
@@ -27,6 +30,7 @@ source: what ``arch.dhsa.load_predictor`` reads) and ``boundaries.json`` (argume
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import json
@@ -42,9 +46,11 @@ from arch.attention import CausalSelfAttention, causal_attention_probs
 from arch.dhsa import DHSA, LEARNED_THRESHOLD, BoundaryPredictor, nms_starts
 from arch.io import atomic_write
 from arch.registry import ConfigError
-
-from .checkpoint import load_trained, run_dir_of
-from .data import LMDataModule, TrainWindows, ValWindows
+from train.checkpoint import load_trained, run_dir_of
+from train.cli import add_target
+from train.data import TrainWindows, ValWindows
+from train.datamodules import LMDataModule
+from train.runs import device_for
 
 IGNORE = -1  # label of positions without a full window on each side
 _DHSA_DEFAULTS = {
@@ -117,24 +123,22 @@ def attention_layers(model) -> dict[int, CausalSelfAttention]:
 
 @contextlib.contextmanager
 def recording_qk(mixers: dict[int, CausalSelfAttention]):
-    """While active, every ``mixer.attend(q, k, v)`` call also stores (q, k) (post-RoPE) under its layer index in
-    the yielded dict, then runs the mixer's own attention unchanged."""
+    """While active, a forward hook on every mixer's ``qkv_tap`` stores its rotated (q, k) under the layer index
+    in the yielded dict; the model runs unchanged."""
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def wrap(i: int, original):
-        def attend(q, k, v):
-            record[i] = (q, k)
-            return original(q, k, v)
+    def hook(i: int):
+        def store(module, inputs, output) -> None:
+            record[i] = inputs[:2]
 
-        return attend
+        return store
 
-    for i, m in mixers.items():
-        m.attend = wrap(i, m.attend)  # an instance attribute shadows the method
+    handles = [m.qkv_tap.register_forward_hook(hook(i)) for i, m in mixers.items()]
     try:
         yield record
     finally:
-        for m in mixers.values():
-            del m.attend
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -321,6 +325,84 @@ def default_out(target: str | Path) -> Path:
     return run_dir_of(target) / "dhsa" / "boundaries.safetensors"
 
 
+def frozen_attention_layers(target: str, overrides, window: int, device):
+    """(config, frozen model, {layer: attention mixer}) of the model whose keys are labeled; checks that the
+    windows leave labeled candidates."""
+    cfg, model = load_trained(target, overrides, map_location=device)
+    model.requires_grad_(False)
+    mixers = attention_layers(model)
+    if not mixers:
+        kinds = sorted({type(b.mixer).__name__ for b in model.blocks})
+        raise ConfigError(
+            f"model.mixer: no layer has an attention mixer (CausalSelfAttention: dense, dhsa, ...); "
+            f"this model's mixers: {', '.join(kinds)}"
+        )
+    T = cfg["data"]["seq_len"]
+    if T < 3 * window:
+        raise ConfigError(
+            f"data.seq_len: {T} positions leave no labeled candidate; the labels need >= 3·window = "
+            f"{3 * window} (p >= window and p + 2·window <= seq_len)"
+        )
+    return cfg, model, mixers
+
+
+def layer_rows(preds, losses, tr_labels, va_keys, va_labels, a: dict) -> list[dict]:
+    """Per layer: the train positive rate, first and last training loss, and the held-out metrics."""
+    rows = []
+    for col, i in enumerate(sorted(preds)):
+        lab = torch.cat([y.flatten() for y in tr_labels[i]])
+        lab = lab[lab != IGNORE]
+        metrics = evaluate_predictor(
+            preds[i],
+            va_keys[i],
+            va_labels[i],
+            threshold=a["threshold"],
+            nms_radius=a["nms_radius"],
+            max_chunk=a["max_chunk"],
+            gamma=a["gamma"],
+            alpha=a["alpha"],
+        )
+        rows.append(
+            {
+                "layer": i,
+                "train_pos_rate": (lab == 1).double().mean().item(),
+                "train_loss_first": losses[0, col].item(),
+                "train_loss_last": losses[-1, col].item(),
+                **{f"val_{k}": v for k, v in metrics.items()},
+            }
+        )
+    return rows
+
+
+def print_rows(rows: list[dict], n_val: int, T: int, window: int, threshold: float) -> None:
+    print(
+        f"\nboundary predictors on {n_val} held-out windows of {T} tokens (labeled positions "
+        f"p in [{window}, {T - 2 * window}]; 'pred' = logit > {threshold}; chunk length after NMS)\n"
+    )
+    print(
+        "| layer | train pos | val pos | val pred | precision | recall |   F1  | focal loss (train first -> last, "
+        "val) | mean chunk |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+    )
+    for r in rows:
+        print(
+            f"| {r['layer']} | {r['train_pos_rate']:.3f} | {r['val_pos_rate']:.3f} | {r['val_pred_rate']:.3f} | "
+            f"{r['val_precision']:.3f} | {r['val_recall']:.3f} | {r['val_f1']:.3f} | "
+            f"{r['train_loss_first']:.4f} -> {r['train_loss_last']:.4f}, {r['val_focal_loss']:.4f} | "
+            f"{r['val_mean_chunk_len']:.1f} |"
+        )
+
+
+def describe_run(a: dict, skipped: list[int], B: int, T: int, out_path: Path, json_path: Path) -> str:
+    return (
+        (f"  skipping layers {skipped} (no attention mixer)\n" if skipped else "")
+        + f"  labels: head-mean dense causal attention, window {a['window']}, mass ratio >= {a['ratio']}\n"
+        f"  train: {a['batches']} batches of {B}x{T} tokens of the train split, {a['steps']} steps of AdamW "
+        f"(lr {a['lr']}, seed {a['seed']}), focal loss (gamma {a['gamma']}, alpha {a['alpha']})\n"
+        f"  eval: {a['val_batches']} batches of the held-out split at threshold {a['threshold']} "
+        f"(NMS radius {a['nms_radius']}, max chunk {a['max_chunk']})\n  writing {out_path} and {json_path}"
+    )
+
+
 def dhsa_boundaries(
     target: str,
     overrides=(),
@@ -343,140 +425,87 @@ def dhsa_boundaries(
 ) -> dict:
     """Label, train, evaluate, write; returns {"out", "json", "switch", "layers" (per-layer metrics),
     "predictors" ({layer: BoundaryPredictor}), "losses" [steps, n_layers]}."""
-    args = dict(
-        batches=batches,
-        val_batches=val_batches,
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        ratio=ratio,
-        gamma=gamma,
-        alpha=alpha,
-        window=window,
-        hidden=hidden,
-        threshold=threshold,
-        nms_radius=nms_radius,
-        max_chunk=max_chunk,
-    )
-    _check_args(**args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, model = load_trained(target, overrides, map_location=device)
-    model.requires_grad_(False)
-    mixers = attention_layers(model)
-    if not mixers:
-        kinds = sorted({type(b.mixer).__name__ for b in model.blocks})
-        raise ConfigError(
-            f"model.mixer: no layer has an attention mixer (CausalSelfAttention: dense, dhsa, ...); "
-            f"this model's mixers: {', '.join(kinds)}"
-        )
+    a = dict(batches=batches, val_batches=val_batches, steps=steps, lr=lr, seed=seed, ratio=ratio, gamma=gamma)
+    a.update(alpha=alpha, window=window, hidden=hidden, threshold=threshold, nms_radius=nms_radius)
+    a.update(max_chunk=max_chunk)
+    _check_args(**a)
+    device = device_for()
+    cfg, model, mixers = frozen_attention_layers(target, overrides, window, device)
     first = next(iter(mixers.values()))
-    n_kv, hd = first.n_kv_heads, first.head_dim
-    T, B = cfg["data"]["seq_len"], cfg["data"]["batch_size"]
-    if T < 3 * window:
-        raise ConfigError(
-            f"data.seq_len: {T} positions leave no labeled candidate; the labels need >= 3·window = "
-            f"{3 * window} (p >= window and p + 2·window <= seq_len)"
-        )
+    n_kv, hd, T, B = first.n_kv_heads, first.head_dim, cfg["data"]["seq_len"], cfg["data"]["batch_size"]
     out_path = Path(out) if out else default_out(target)
     json_path = out_path.with_suffix(".json")
     skipped = [i for i in range(len(model.blocks)) if i not in mixers]
-    print(
-        f"dhsa-boundaries {target} on {device}: layers {sorted(mixers)} "
-        f"({type(first).__name__}, {n_kv} kv heads x {hd} dims)"
-        + (f", skipping layers {skipped} (no attention mixer)" if skipped else "")
-        + "\n"
-        f"  labels: head-mean dense causal attention, window {window}, mass ratio >= {ratio}\n"
-        f"  train: {batches} batches of {B}x{T} tokens of the train split, {steps} steps of AdamW (lr {lr}, "
-        f"seed {seed}), focal loss (gamma {gamma}, alpha {alpha})\n"
-        f"  eval: {val_batches} batches of the held-out split at threshold {threshold} "
-        f"(NMS radius {nms_radius}, max chunk {max_chunk})\n"
-        f"  writing {out_path} and {json_path}",
-        flush=True,
-    )
-
+    kind = f"{type(first).__name__}, {n_kv} kv heads x {hd} dims"
+    print(f"dhsa-boundaries {target} on {device}: layers {sorted(mixers)} ({kind})")
+    print(describe_run(a, skipped, B, T, out_path, json_path), flush=True)
     data = LMDataModule(cfg)
     data.setup()
     train_ds = TrainWindows(data.splits["train"]["tokens"], T, B, seed, 0, batches)
     val_ds = ValWindows(data.splits["validation"]["tokens"], T, val_batches * B)
     mib = (batches + val_batches) * B * T * n_kv * hd * 4 * len(mixers) / 2**20
     print(f"  keys kept in memory: {mib:.1f} MiB (float32, {len(mixers)} layers)", flush=True)
-    tr_keys, tr_labels = collect(
-        model, mixers, [train_ds[i] for i in range(len(train_ds))], window, ratio, "keys (train)", progress
-    )
-    va_keys, va_labels = collect(
-        model, mixers, DataLoader(val_ds, batch_size=B, shuffle=False), window, ratio, "keys (val)", progress
-    )
+    train_windows = [train_ds[i] for i in range(len(train_ds))]
+    tr_keys, tr_labels = collect(model, mixers, train_windows, window, ratio, "keys (train)", progress)
+    val_windows = DataLoader(val_ds, batch_size=B, shuffle=False)
+    va_keys, va_labels = collect(model, mixers, val_windows, window, ratio, "keys (val)", progress)
     del model
-
-    preds, losses = train_predictors(
-        tr_keys,
-        tr_labels,
-        n_heads=n_kv,
-        window=window,
-        hidden=hidden,
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        gamma=gamma,
-        alpha=alpha,
-        device=device,
-        progress=progress,
-    )
-    rows = []
-    for col, i in enumerate(sorted(preds)):
-        lab = torch.cat([y.flatten() for y in tr_labels[i]])
-        lab = lab[lab != IGNORE]
-        metrics = evaluate_predictor(
-            preds[i],
-            va_keys[i],
-            va_labels[i],
-            threshold=threshold,
-            nms_radius=nms_radius,
-            max_chunk=max_chunk,
-            gamma=gamma,
-            alpha=alpha,
-        )
-        rows.append(
-            {
-                "layer": i,
-                "train_pos_rate": (lab == 1).double().mean().item(),
-                "train_loss_first": losses[0, col].item(),
-                "train_loss_last": losses[-1, col].item(),
-                **{f"val_{k}": v for k, v in metrics.items()},
-            }
-        )
-
+    train_args = {k: a[k] for k in ("window", "hidden", "steps", "lr", "seed", "gamma", "alpha")}
+    preds, losses = train_predictors(tr_keys, tr_labels, n_heads=n_kv, device=device, progress=progress, **train_args)
+    rows = layer_rows(preds, losses, tr_labels, va_keys, va_labels, a)
     save_predictors(out_path, preds, ratio, str(Path(target).resolve()))
     switch = mixer_switch(out_path, window, hidden, threshold, nms_radius, max_chunk)
-    result = {
-        "source": str(target),
-        "overrides": list(overrides),
-        "out": str(out_path),
-        "args": args,
-        "seq_len": T,
-        "batch_size": B,
-        "train_windows": len(train_ds) * B,
-        "val_windows": len(val_ds),
-        "switch": switch,
-        "layers": rows,
-    }
+    result = {"source": str(target), "overrides": list(overrides), "out": str(out_path), "args": a, "seq_len": T}
+    result.update(batch_size=B, train_windows=len(train_ds) * B, val_windows=len(val_ds), switch=switch, layers=rows)
     atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(result, indent=1)))
-
-    print(
-        f"\nboundary predictors on {len(val_ds)} held-out windows of {T} tokens (labeled positions "
-        f"p in [{window}, {T - 2 * window}]; 'pred' = logit > {threshold}; chunk length after NMS)\n"
-    )
-    print(
-        "| layer | train pos | val pos | val pred | precision | recall |   F1  | focal loss (train first -> last, "
-        "val) | mean chunk |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|"
-    )
-    for r in rows:
-        print(
-            f"| {r['layer']} | {r['train_pos_rate']:.3f} | {r['val_pos_rate']:.3f} | {r['val_pred_rate']:.3f} | "
-            f"{r['val_precision']:.3f} | {r['val_recall']:.3f} | {r['val_f1']:.3f} | "
-            f"{r['train_loss_first']:.4f} -> {r['train_loss_last']:.4f}, {r['val_focal_loss']:.4f} | "
-            f"{r['val_mean_chunk_len']:.1f} |"
-        )
+    print_rows(rows, len(val_ds), T, window, threshold)
     print(f"\nwrote {out_path} ({len(preds)} predictors) and {json_path}")
     print(f"use it: python -m train eval {target} {switch}")
     return {"out": out_path, "json": json_path, "switch": switch, "layers": rows, "predictors": preds, "losses": losses}
+
+
+def _alpha(text: str) -> float | None:
+    """--alpha: a number, or 'none' for no class weighting."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1] or 'none'") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_target(p, "checkpoint file, run directory, or exported model directory (dense or DHSA mixers)")
+    p.add_argument("--batches", type=int, default=32, help="train-split batches (data.batch_size x data.seq_len)")
+    p.add_argument("--val-batches", type=int, default=8, help="held-out batches for the evaluation")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (one stored batch per step, all layers)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init, the batch order and the train windows")
+    p.add_argument("--ratio", type=float, default=2.0, help="label 1 where the attention mass ratio across p >= this")
+    p.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma (0: cross-entropy)")
+    p.add_argument("--alpha", type=_alpha, default=0.25, help="focal loss alpha of the positives, or 'none'")
+    # default None: the DHSA mixer's own default (arch/dhsa.py), so the predictors fit `model.mixer.type=dhsa`
+    p.add_argument("--window", type=int, help="keys on each side of a candidate boundary (mixer.window; default 4)")
+    p.add_argument("--hidden", type=int, help="predictor MLP width (mixer.predictor_hidden; default 256)")
+    p.add_argument("--threshold", type=float, help="evaluation: boundary where the logit exceeds this (default 1.1)")
+    p.add_argument("--nms-radius", type=int, help="evaluation: non-maximum suppression radius (default 8)")
+    p.add_argument("--max-chunk", type=int, help="evaluation: maximum chunk length (default 64)")
+    p.add_argument("--out", default=None, help="output file (default: <run dir>/dhsa/boundaries.safetensors)")
+
+
+def run(args: argparse.Namespace) -> None:
+    mixer_opts = {k: getattr(args, k) for k in ("window", "hidden", "threshold", "nms_radius", "max_chunk")}
+    dhsa_boundaries(
+        args.target,
+        args.overrides,
+        batches=args.batches,
+        val_batches=args.val_batches,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        ratio=args.ratio,
+        gamma=args.gamma,
+        alpha=args.alpha,
+        out=args.out,
+        **{k: v for k, v in mixer_opts.items() if v is not None},
+    )

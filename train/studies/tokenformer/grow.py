@@ -1,30 +1,21 @@
-"""``python -m train grow``: TokenFormer progressive scaling of a trained checkpoint, and the callback that
-keeps pre-growth tokens frozen when ``optim.freeze_old_tokens`` is set."""
+"""TokenFormer growth: append parameter tokens to every Pattention of a trained model (function unchanged).
+
+    python -m train grow <checkpoint | run dir | model dir> --scale 2 [--slots qkv=512,proj=512,ffn=2048] [--out DIR]
+
+New keys are zero and new values random, so the grown model computes the same function (to rounding); continue
+training it with ``python -m train fit <config> --init-from <out>`` (``optim.freeze_old_tokens=true`` trains
+only the new tokens).
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from arch import ConfigError, grow, save_pretrained
-from arch.growth import freeze_old_tokens_
-
-from .checkpoint import load_trained
-
-
-class FreezeOldTokens(L.Callback):
-    """After every optimizer step, write the pre-growth rows of every Pattention back (undoing their gradient
-    update and weight decay), so only the tokens added by the latest ``grow`` train."""
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.saved = freeze_old_tokens_(pl_module.model)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():
-            for p, rows in self.saved:
-                p[: rows.shape[0]].copy_(rows)
+from train.checkpoint import load_trained, run_dir_of
 
 
 def parse_slots(text: str | None) -> dict | None:
@@ -41,17 +32,12 @@ def grow_command(target: str, scale: float | None, slots: str | None, out: str |
     cfg, model = load_trained(target)
     slot_map = parse_slots(slots)
     grown = grow(model, scale=None if slot_map else scale, slots=slot_map, seed=seed).eval()
-    x = torch.randint(
-        0,
-        cfg["model"]["vocab_size"],
-        (2, min(64, cfg["model"]["max_seq_len"])),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg["model"]["vocab_size"], (2, min(64, cfg["model"]["max_seq_len"])), generator=g)
     with torch.no_grad():
         diff = (grown(x) - model(x)).abs().max().item()
     tag = f"x{scale:g}" if slot_map is None else "slots-" + "-".join(f"{k}{v}" for k, v in slot_map.items())
-    src = Path(target)
-    out_dir = Path(out) if out else (src if src.is_dir() else src.parent.parent) / f"grown-{tag}"
+    out_dir = Path(out) if out else run_dir_of(target) / f"grown-{tag}"
     save_pretrained(grown, out_dir)
     n0, n1 = (sum(p.numel() for p in m.parameters()) for m in (model, grown))
     print(
@@ -63,3 +49,15 @@ def grow_command(target: str, scale: float | None, slots: str | None, out: str |
         f"  python -m train fit <config.yaml> --init-from {out_dir}"
     )
     return out_dir
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="checkpoint file, run directory, or exported model directory")
+    p.add_argument("--scale", type=float, default=2.0, help="multiply every token count by this (>= 1)")
+    p.add_argument("--slots", help="explicit new counts per role instead of --scale, e.g. qkv=512,proj=512,ffn=2048")
+    p.add_argument("--out", help="output directory (default: <run dir>/grown-x<scale>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new value tokens")
+
+
+def run(args: argparse.Namespace) -> None:
+    grow_command(args.target, args.scale, args.slots, args.out, args.seed)

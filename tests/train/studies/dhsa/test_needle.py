@@ -12,7 +12,7 @@ from arch.registry import ConfigError
 from train.cli import main
 from train.data import ByteTokenizer
 from train.fit import fit
-from train.needle import (
+from train.studies.dhsa.needle import (
     NEEDLE,
     QUESTION,
     build_cells,
@@ -24,9 +24,9 @@ from train.needle import (
     variant_table,
 )
 
-from ..conftest import CONFIGS, micro_overrides
+from ....conftest import CONFIGS, micro_overrides
 
-TINY = str(CONFIGS / "gpt-tiny.yaml")
+TINY = str(CONFIGS / "lm/gpt-tiny.yaml")
 TOK = ByteTokenizer()
 LENGTHS = ["128", "192", "256"]  # the needle, question and answer take 104 bytes
 FAST = ["--lengths", *LENGTHS, "--depths", "0", "0.5", "1", "--trials", "3", "--ppl-tokens", "512"]
@@ -218,7 +218,7 @@ def test_needle_errors(run, tmp_path, capsys):
 
 
 def test_selection_recall_against_direct_softmax():
-    from train.needle import selection_recall
+    from train.studies.dhsa.needle import selection_recall
 
     g = torch.Generator().manual_seed(0)
     T, qb = 21, 4

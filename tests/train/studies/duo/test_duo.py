@@ -13,14 +13,14 @@ import arch
 from arch.duo import BIG, SKIP, SMALL
 from train.checkpoint import load_trained
 from train.cli import main
-from train.duo import inv_temp_at
 from train.fit import fit
-from train.oracle import route_losses, route_losses_naive, route_space, summarise
+from train.studies.duo.method import inv_temp_at
+from train.studies.duo.oracle import route_losses, route_losses_naive, route_space, summarise
 
-from ..conftest import CONFIGS, micro_overrides
+from ....conftest import CONFIGS, micro_overrides
 
-DUO = str(CONFIGS / "duo-tiny.yaml")
-ROUTER = str(CONFIGS / "duo-tiny-router.yaml")
+DUO = str(CONFIGS / "lm/duo-tiny.yaml")
+ROUTER = str(CONFIGS / "lm/duo-tiny-router.yaml")
 
 
 @pytest.mark.parametrize("low, budget", [(SMALL, None), (SMALL, 2), (SKIP, None)])
@@ -128,7 +128,7 @@ def test_init_from_a_model_of_another_shape_takes_the_sources_model(stage1, tmp_
 
 
 def test_paper_config_has_the_papers_shape_and_about_1_4b_parameters(capsys):
-    assert main(["info", str(CONFIGS / "duo-paper.yaml"), "data.seq_len=64"]) == 0
+    assert main(["info", str(CONFIGS / "paper/duo-paper.yaml"), "data.seq_len=64"]) == 0
     out = capsys.readouterr().out
     assert "parameters: 1,399," in out  # 12 x (attention 26.2M + big 78.6M + small 4.9M) + 81.9M embedding
     assert "duo d_ff=10240,small_ratio=16" in out and "an upper bound" in out

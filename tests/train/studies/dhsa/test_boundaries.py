@@ -13,7 +13,7 @@ from arch.attention import causal_attention
 from arch.dhsa import DHSA, BoundaryPredictor, load_predictor
 from train.checkpoint import load_trained
 from train.cli import main
-from train.dhsa_boundaries import (
+from train.studies.dhsa.boundaries import (
     IGNORE,
     attention_probs,
     boundary_labels,
@@ -22,9 +22,9 @@ from train.dhsa_boundaries import (
     train_predictors,
 )
 
-from ..conftest import CONFIGS, micro_overrides
+from ....conftest import CONFIGS, micro_overrides
 
-TINY = str(CONFIGS / "gpt-tiny.yaml")
+TINY = str(CONFIGS / "lm/gpt-tiny.yaml")
 # T 64, GQA (2 query heads, 1 kv head: predictor dim 16), a small predictor MLP (a non-default mixer option)
 MICRO = {"model.max_seq_len": 64, "model.n_kv_heads": 1}
 OPTS = ["--batches", "2", "--val-batches", "1", "--steps", "4", "--hidden", "32"]
