@@ -92,7 +92,11 @@ def make_attention(c: dict, stage: int) -> nn.Module:
                 f"model.topks[3]: {topk} needs model.stage4: bra; stage4 'attention_lepe' is full attention "
                 "(topks[3]: all)"
             )
+        if c["stage4_heads"] < 1 or dim % c["stage4_heads"]:
+            raise ConfigError(f"model.stage4_heads: {c['stage4_heads']} must divide model.dims[3]={dim}")
         return AttentionLePE(dim, n_heads=c["stage4_heads"])
+    if stage == 3 and c["stage4_heads"] != 8:
+        raise ConfigError("model.stage4_heads is only used by model.stage4: attention_lepe (stage 4 is BRA here)")
     return BiLevelRoutingAttention(dim, n_win=c["n_win"], topk=topk, head_dim=c["head_dim"], scale=c["scale"])
 
 

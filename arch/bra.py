@@ -126,7 +126,7 @@ class AttentionLePE(BiLevelRoutingAttention):
 
     def __init__(self, dim: int, *, n_heads: int = 8, lepe_kernel: int = 5):
         if n_heads < 1 or dim % n_heads:
-            raise ConfigError(f"stage4_heads: {n_heads} must divide the width {dim}")
+            raise ConfigError(f"n_heads: {n_heads} must divide the width {dim}")
         super().__init__(
             dim,
             topk="all",

@@ -176,3 +176,7 @@ def test_stage4_options_keep_the_earlier_variant():
     assert a.scale == pytest.approx(8**-0.5) and a.n_heads == 64 // 8
     with pytest.raises(arch.ConfigError, match=r"model.topks\[3\]: 2 needs model.stage4: bra"):
         arch.build_model({"kind": "biformer", **{**SMALL, "topks": [1, 2, 3, 2]}})
+    with pytest.raises(arch.ConfigError, match=r"model.stage4_heads: 7 must divide model.dims\[3\]=64"):
+        arch.build_model({"kind": "biformer", **SMALL, "stage4_heads": 7})
+    with pytest.raises(arch.ConfigError, match="model.stage4_heads is only used by model.stage4: attention_lepe"):
+        arch.build_model({"kind": "biformer", **SMALL, "stage4": "bra", "stage4_heads": 4})

@@ -106,7 +106,7 @@ def test_2d_topk_1_is_sparse():
 def test_2d_bad_options_are_config_errors():
     with pytest.raises(arch.ConfigError, match="topk"):
         BiLevelRoutingAttention(32, n_win=2, topk=5)
-    with pytest.raises(arch.ConfigError, match="stage4_heads: 7 must divide the width 64"):
+    with pytest.raises(arch.ConfigError, match="n_heads: 7 must divide the width 64"):
         AttentionLePE(64, n_heads=7)
 
 
