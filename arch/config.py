@@ -152,6 +152,9 @@ class LayerContext:
     rope_theta: float
     rope_fraction: float
     init_std: float
+    # one dict per model, shared by all its layers: state that blocks pass down the layers within one forward
+    # (e.g. DHSA's ``share_boundaries``); the model clears it before and after every forward
+    shared: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_block(
