@@ -47,7 +47,7 @@ def _run_cell(
     from arch.attention import causal_attention
     from arch.bra import causal_routing
     from kernels.block_sparse import block_sparse_attention
-    from kernels.block_sparse.reference import gather_attention
+    from kernels.block_sparse.naive import gather_attention
 
     if kind == "2d":
         (q, k, v), sel, block = _inputs_2d(size, device)

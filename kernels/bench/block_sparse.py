@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.block_sparse import block_sparse_attention
-from kernels.block_sparse.reference import dense_mask, reference_attention
+from kernels.block_sparse.naive import dense_mask, reference_attention
 
 from .registry import Benchmark, register
 

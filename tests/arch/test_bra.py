@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import arch
 from arch.bra import BiLevelRoutingAttention, CausalBRA, causal_routing
-from kernels.block_sparse.reference import gather_attention, reference_attention
+from kernels.block_sparse.naive import gather_attention, reference_attention
 
 
 def dense_bra(m: BiLevelRoutingAttention, x):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.block_sparse import block_sparse_attention
-from kernels.block_sparse.reference import dense_mask, gather_attention, reference_attention
+from kernels.block_sparse.naive import dense_mask, gather_attention, reference_attention
 
 
 def random_selection(g, B, Hs, nqb, nkb, S, causal=False, qbs=None, bs=None):
