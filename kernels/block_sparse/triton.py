@@ -127,7 +127,9 @@ def fwd_kernel(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a query that sees no key: zeros
     o_ptrs = Out + b * so_b + h * so_h + rows[:, None] * so_t + d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # +inf: P = 0 in the backward pass
+    lse = tl.where(
+        l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf")
+    )  # +inf: P = 0 in the backward pass
     tl.store(LSE + bh.to(tl.int64) * Tq + rows, lse, mask=rmask)
 
 
