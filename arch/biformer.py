@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kernels.block_sparse.api import Impl
+
 from .bra import BiLevelRoutingAttention, TopK
 from .registry import MODELS, ConfigError, check_fields, fields_of_dataclass
 
@@ -35,6 +37,7 @@ class BiFormerConfig:
     mlp_ratio: float = 3.0
     scale: Literal["head_dim", "dim"] = "head_dim"  # "dim": the released code's dim**-0.5
     drop_path: float = 0.0  # stochastic depth rate at the last block (linear in depth), 0.1 for T in the paper
+    impl: Impl = "auto"  # kernels.block_sparse implementation of the BRA blocks
 
 
 class DropPath(nn.Module):
@@ -56,7 +59,9 @@ class Block(nn.Module):
         super().__init__()
         self.pos = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = BiLevelRoutingAttention(dim, n_win=c["n_win"], topk=topk, head_dim=c["head_dim"], scale=c["scale"])
+        self.attn = BiLevelRoutingAttention(
+            dim, n_win=c["n_win"], topk=topk, head_dim=c["head_dim"], scale=c["scale"], impl=c["impl"]
+        )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(c["mlp_ratio"] * dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_sparse import block_sparse_attention
+from kernels.block_sparse.api import Impl
 
 from .attention import CausalSelfAttention, attend_keys
 from .config import LayerContext
@@ -250,8 +251,10 @@ class DHSA(CausalSelfAttention):
         threshold: Optional[float] = None,
         predictor: Optional[str] = None,
         predictor_hidden: int = 256,
+        impl: Impl = "auto",
     ):
         super().__init__(ctx)
+        self.impl = impl  # kernels.block_sparse implementation
         for name, value, least in (
             ("budget", budget, 1),
             ("query_block", query_block, 1),
@@ -306,7 +309,9 @@ class DHSA(CausalSelfAttention):
         if self.mode == "prefill" and self.training:
             raise RuntimeError("mixer.mode 'prefill' is inference-only (it is not causal); train with mode 'causal'")
         kv = self.select(q, k)  # [B, nb, S]
-        return block_sparse_attention(q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True)
+        return block_sparse_attention(
+            q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True, impl=self.impl
+        )
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
