@@ -5,9 +5,9 @@ smallest ``tl.dot``) and a *key tile* of ``KT`` consecutive keys (default 64). E
 that holds at least one visible (query, key) element is one *entry*, carrying
 
 * ``bits``: an int64 whose bit ``c`` says that key ``kt·KT + c`` is selected for the tile (slot not -1, inside
-  ``Tk``, not masked by ``key_mask``);
+  ``Tk``, not masked by ``key_mask``, under ``causal`` not after the tile's last query);
 * ``rowbits`` [QT] (only when the selection differs between a tile's queries: a ``token_mask``, or query blocks
-  smaller than 16 whose tiles span several blocks): the same bits per query;
+  smaller than 16 whose tiles span several blocks): the same bits per query (causal: keys up to the query);
 * ``full``: every element of the pair is visible (all bits set, no row differs, and under ``causal`` the tile
   lies wholly at or before the tile's first query), so the kernel skips the element mask.
 
@@ -152,13 +152,17 @@ def build_layout(
     rowbits = torch.zeros(E * R, dtype=torch.long, device=dev).index_add_(0, inv * R + r, bits[ok]).view(E, R)
     e_ktile, gt = uniq % nkt, uniq // nkt  # [E]
     t = gt % nt
-    if per_row:
-        e_bits = functools.reduce(torch.bitwise_or, rowbits.unbind(1))
-        valid = (q_start[t, None] + torch.arange(QT, device=dev)) < q_end[t, None]  # [E, QT]
-        full_rows = ((rowbits == _low_bits(torch.tensor(KT))) | ~valid).all(1)
-    else:
-        e_bits, full_rows = rowbits[:, 0], torch.ones(E, dtype=torch.bool, device=dev)
-    full = (e_bits == _low_bits(torch.tensor(KT))) & full_rows
+    first = q_start[t, None] + torch.arange(R, device=dev)  # [E, R] the query of each row (R = 1: the first)
+    if causal:  # keys after a row's query (per_row), or after the tile's last query, are never seen
+        last = first if per_row else q_end[t, None] - 1
+        rowbits &= _low_bits((last - e_ktile[:, None] * KT + 1).clamp(0, KT))
+    e_bits = functools.reduce(torch.bitwise_or, rowbits.unbind(1))
+    keep = e_bits != 0  # entries whose visible keys all lie after the tile's queries
+    rowbits, e_bits, e_ktile, gt, t, first = rowbits[keep], e_bits[keep], e_ktile[keep], gt[keep], t[keep], first[keep]
+    all_keys = _low_bits(torch.tensor(KT))
+    full = e_bits == all_keys
+    if per_row:  # rows past the tile's end do not count
+        full &= ((rowbits == all_keys) | (first >= q_end[t, None])).all(1)
     if causal:
         full &= e_ktile * KT + KT - 1 <= q_start[t]
     G = B * Hs
