@@ -15,7 +15,7 @@ from kernels.block_sparse.metadata import build_layout
 from kernels.block_sparse.naive import dense_mask, gather_attention, reference_attention
 from kernels.common import poisoned_outputs
 
-from .conftest import DEVICE, check
+from .conftest import DEVICE, IMPL_DTYPES, check
 
 
 def random_selection(g, B, Hs, nqb, nkb, S, causal=False, qbs=None, bs=None, min_blocks=1):
@@ -47,7 +47,7 @@ CASES = [  # B, H, Hkv, T, hd, block_size, q_block_size, S, Hs, causal, token_ma
 IDS = "B{}H{}kv{}T{}hd{}bs{}qbs{}S{}Hs{}c{}tm{}km{}"
 
 
-def make_case(case, dtype, min_blocks=0):
+def make_case(case, dtype, min_blocks=1):
     B, H, Hkv, T, hd, bs, qbs, S, Hs, causal, use_tm, use_km = case
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     q = torch.randn(B, T, H, hd, generator=g).to(DEVICE, dtype)
@@ -69,8 +69,7 @@ def attention_and_grads(qkv, sel, kw, impl, dout):
     return out, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl, dtype", IMPL_DTYPES, ids=lambda x: str(x).removeprefix("torch."))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: IDS.format(*c))
 def test_matches_naive(case, impl, dtype):
     qkv, sel, kw = make_case(case, dtype)
