@@ -2,8 +2,9 @@
 
 * ``INTERPRETED``: whether ``@triton.jit`` functions run in the Triton interpreter in this process
   (``TRITON_INTERPRET=1`` when triton was imported);
-* ``autotune``: ``triton.autotune`` over GPU configs; under the interpreter, only the first config (the
-  interpreter runs every candidate, and its timings mean nothing);
+* ``autotune``: ``triton.autotune`` over GPU configs; only the first config under the interpreter (which would
+  run every candidate, and whose timings mean nothing) or with ``KERNELS_AUTOTUNE=0`` (tests on a GPU: one
+  compile per kernel variant instead of one per config);
 * ``dot`` and ``f32_dot``: ``tl.dot`` with fp32 accumulation. Operands are fed in their own 16-bit type on GPUs
   (tensor cores); fp32 operands use IEEE fp32 products; bf16 operands are widened to fp32 first under the
   interpreter, whose bf16 arithmetic is wrong (fp16 is exact there, so fp16 tests run the GPU path).
@@ -11,15 +12,18 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+AUTOTUNE = not INTERPRETED and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 
 
 def autotune(configs: list[triton.Config], key: list[str]):
-    return triton.autotune(configs=configs[:1] if INTERPRETED else configs, key=key)
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
 
 
 def f32_dot(dtype: torch.dtype) -> bool:

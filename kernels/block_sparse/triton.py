@@ -101,7 +101,8 @@ def fwd_kernel(
     rmask = rows < tl.load(q_end + t)
     d = tl.arange(0, HD)
     dmask = d < hd
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=rmask[:, None] & dmask[None, :])
+    qmask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=qmask, other=0.0)
     k_base = K + b * sk_b + (h // REP) * sk_h
     v_base = V + b * sv_b + (h // REP) * sv_h
     m_i = tl.full([QT], float("-inf"), tl.float32)
@@ -126,7 +127,7 @@ def fwd_kernel(
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a query that sees no key: zeros
     o_ptrs = Out + b * so_b + h * so_h + rows[:, None] * so_t + d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=qmask)
     lse = tl.where(
         l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf")
     )  # +inf: P = 0 in the backward pass
