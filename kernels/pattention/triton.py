@@ -5,10 +5,13 @@ With A = X Kᵀ, r = ‖A‖ per row (L2, or L1 with ``L1``), u = τ·A/r, S = G
 * forward: ``norm_kernel`` (pass 1) computes r per row tile, looping over the n parameter tokens in tiles;
   ``out_kernel`` (pass 2) recomputes each A tile, normalises it, applies GeLU and accumulates S V on chip.
 * backward (nothing but x, K, V and r were saved; A and S are recomputed tile by tile): with dS = dO Vᵀ,
-  du = dS ∘ GeLU'(u) and c = Σ_j du_j A_j per row (``c_kernel``),
-  dA = τ/r · (du − A·c/r²) (L2) or τ/r · (du − sign(A)·c/r) (L1);
-  dx = dA K (``dx_kernel``), dK = dAᵀ X (``dk_kernel``), dV = Sᵀ dO (``dv_kernel``), dτ = Σ_i c_i / r_i.
-  Each output tile is written once by one program (no atomics).
+  du = dS ∘ GeLU'(u) and c = Σ_j du_j A_j per row (``c_kernel``, a pass over the n tokens per row tile),
+  dA = τ/r · (du − A·c/r²) (L2) or τ/r · (du − sign(A)·c/r) (L1), written with S by ``da_kernel`` (one
+  program per tile, no atomics); then three plain GEMMs: dx = dA K, dK = dAᵀ X, dV = Sᵀ dO; dτ = Σ_i c_i / r_i.
+  dA and S are the backward's transients ([tokens × n] each, like the activations a GELU MLP keeps).
+
+Cost: the forward recomputes A once per output-column tile (``BC`` columns of d_out), so it does
+(1 + ⌈d_out / BC⌉) products x Kᵀ and one S V: the price of never writing S, which grows with d_out / BC.
 
 n is a runtime argument: growing the parameter tokens needs no code change. Rows of x, K, V are read with their
 strides (unit last stride); fp32, fp16, bf16 with fp32 accumulation.
@@ -26,7 +29,8 @@ from .naive import NORM_EPS
 
 EPS = tl.constexpr(NORM_EPS)  # a jit function may read a global only as a constexpr
 
-_TILES = [(64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 3), (64, 128, 64, 128, 8, 3), (128, 128, 64, 64, 8, 3)]
+# (BM, BN, BK, BC, warps, stages): wide output tiles (BC) mean fewer recomputations of A in the forward
+_TILES = [(64, 64, 64, 64, 4, 2), (64, 64, 64, 256, 8, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 3)]
 CONFIGS = [
     triton.Config({"BM": m, "BN": n, "BK": k, "BC": c}, num_warps=w, num_stages=s) for m, n, k, c, w, s in _TILES
 ]
@@ -207,7 +211,7 @@ def c_kernel(
 
 @autotune(CONFIGS, key=KEY)
 @triton.jit
-def dx_kernel(
+def da_kernel(
     X,
     Kp,
     V,
@@ -215,7 +219,8 @@ def dx_kernel(
     R,
     TAU,
     C,
-    DX,
+    DA,
+    S,
     M,
     n,
     d_in,
@@ -224,7 +229,7 @@ def dx_kernel(
     sk,
     sv,
     sdo,
-    sdx,
+    sda,
     L1: tl.constexpr,
     F32: tl.constexpr,
     BM: tl.constexpr,
@@ -232,115 +237,19 @@ def dx_kernel(
     BK: tl.constexpr,
     BC: tl.constexpr,
 ):
+    """One [BM, BN] tile of dA and of S, recomputed from x, K, V, dO and the row state (r, c)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
-    kcols = tl.program_id(1) * BC + tl.arange(0, BC)
-    kmask = kcols < d_in
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < n
     r, c, live = _row_state(R, C, rows, rmask)
     tau = tl.load(TAU)
-    acc = tl.zeros([BM, BC], tl.float32)
-    for n0 in range(0, n, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < n
-        a = _rows_dot(X, Kp, rows, rmask, cols, cmask, d_in, sx, sk, BM, BN, BK, F32)
-        ds = _rows_dot(DO, V, rows, rmask, cols, cmask, d_out, sdo, sv, BM, BN, BK, F32)
-        da = _dscores(a, ds, r, c, live, tau, L1)
-        kt = tl.load(Kp + cols[:, None] * sk + kcols[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        acc += dot(da.to(kt.dtype), kt, F32)
-    tl.store(
-        DX + rows[:, None] * sdx + kcols[None, :], acc.to(DX.dtype.element_ty), mask=rmask[:, None] & kmask[None, :]
-    )
-
-
-@autotune(CONFIGS, key=KEY)
-@triton.jit
-def dk_kernel(
-    X,
-    Kp,
-    V,
-    DO,
-    R,
-    TAU,
-    C,
-    DK,
-    M,
-    n,
-    d_in,
-    d_out,
-    sx,
-    sk,
-    sv,
-    sdo,
-    sdk,
-    L1: tl.constexpr,
-    F32: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BC: tl.constexpr,
-):
-    """One [BN, BC] tile of dK = dAᵀ X (BN parameter tokens, BC input channels): loops over the token rows."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cmask = cols < n
-    kcols = tl.program_id(1) * BC + tl.arange(0, BC)
-    kmask = kcols < d_in
-    tau = tl.load(TAU)
-    acc = tl.zeros([BN, BC], tl.float32)
-    for m0 in range(0, M, BM):
-        rows = m0 + tl.arange(0, BM)
-        rmask = rows < M
-        r, c, live = _row_state(R, C, rows, rmask)
-        a = _rows_dot(X, Kp, rows, rmask, cols, cmask, d_in, sx, sk, BM, BN, BK, F32)
-        ds = _rows_dot(DO, V, rows, rmask, cols, cmask, d_out, sdo, sv, BM, BN, BK, F32)
-        da = _dscores(a, ds, r, c, live, tau, L1)
-        xt = tl.load(X + rows[:, None] * sx + kcols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += dot(tl.trans(da.to(xt.dtype)), xt, F32)
-    tl.store(
-        DK + cols[:, None] * sdk + kcols[None, :], acc.to(DK.dtype.element_ty), mask=cmask[:, None] & kmask[None, :]
-    )
-
-
-@autotune(CONFIGS, key=KEY)
-@triton.jit
-def dv_kernel(
-    X,
-    Kp,
-    DO,
-    R,
-    TAU,
-    DV,
-    M,
-    n,
-    d_in,
-    d_out,
-    sx,
-    sk,
-    sdo,
-    sdv,
-    L1: tl.constexpr,
-    F32: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BC: tl.constexpr,
-):
-    """One [BN, BC] tile of dV = Sᵀ dO (BN parameter tokens, BC output channels): loops over the token rows."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cmask = cols < n
-    dcols = tl.program_id(1) * BC + tl.arange(0, BC)
-    dmask = dcols < d_out
-    tau = tl.load(TAU)
-    acc = tl.zeros([BN, BC], tl.float32)
-    for m0 in range(0, M, BM):
-        rows = m0 + tl.arange(0, BM)
-        rmask = rows < M
-        r = tl.maximum(tl.load(R + rows, mask=rmask, other=1.0), EPS)
-        s = _gelu(tau * _rows_dot(X, Kp, rows, rmask, cols, cmask, d_in, sx, sk, BM, BN, BK, F32) / r[:, None])
-        do = tl.load(DO + rows[:, None] * sdo + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        acc += dot(tl.trans(s.to(do.dtype)), do, F32)
-    tl.store(
-        DV + cols[:, None] * sdv + dcols[None, :], acc.to(DV.dtype.element_ty), mask=cmask[:, None] & dmask[None, :]
-    )
+    a = _rows_dot(X, Kp, rows, rmask, cols, cmask, d_in, sx, sk, BM, BN, BK, F32)
+    ds = _rows_dot(DO, V, rows, rmask, cols, cmask, d_out, sdo, sv, BM, BN, BK, F32)
+    out = rows[:, None] * sda + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(DA + out, _dscores(a, ds, r, c, live, tau, L1).to(DA.dtype.element_ty), mask=omask)
+    tl.store(S + out, _gelu(tau * a / r[:, None]).to(S.dtype.element_ty), mask=omask)
 
 
 def _grid(rows: int, cols: int, row_block: str):
@@ -393,34 +302,11 @@ class PattentionTriton(torch.autograd.Function):
         strides = (x.stride(0), key.stride(0), value.stride(0), dout.stride(0))
         c = empty((M,), torch.float32, x.device)
         c_kernel[_grid(M, 1, "BM")](x, key, value, dout, r, tau, c, M, n, d_in, d_out, *strides, **args)
-        dx = empty(x.shape, x.dtype, x.device)
-        dx_kernel[_grid(M, d_in, "BM")](
-            x, key, value, dout, r, tau, c, dx, M, n, d_in, d_out, *strides, dx.stride(0), **args
-        )
-        dk = empty(key.shape, key.dtype, key.device)
-        dk_kernel[_grid(n, d_in, "BN")](
-            x, key, value, dout, r, tau, c, dk, M, n, d_in, d_out, *strides, dk.stride(0), **args
-        )
-        dv = empty(value.shape, value.dtype, value.device)
-        dv_kernel[_grid(n, d_out, "BN")](
-            x,
-            key,
-            dout,
-            r,
-            tau,
-            dv,
-            M,
-            n,
-            d_in,
-            d_out,
-            x.stride(0),
-            key.stride(0),
-            dout.stride(0),
-            dv.stride(0),
-            **args,
-        )
+        da, s = empty((M, n), x.dtype, x.device), empty((M, n), x.dtype, x.device)
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+        da_kernel[grid](x, key, value, dout, r, tau, c, da, s, M, n, d_in, d_out, *strides, da.stride(0), **args)
         dtau = (c / r.clamp_min(NORM_EPS)).sum() if ctx.needs_input_grad[3] else None
-        return dx, dk, dv, dtau, None
+        return da @ key, da.t() @ x, s.t() @ dout, dtau, None
 
 
 def triton_pattention(x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tau: torch.Tensor, norm: str):

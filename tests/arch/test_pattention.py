@@ -160,3 +160,36 @@ def test_paper_configs_build_on_meta_within_6_percent(name, target):
         model = arch.build_model(cfg["model"])
     n = sum(p.numel() for p in model.parameters())
     assert abs(n / target - 1) <= 0.06, n
+
+
+def with_norm(norm: str, impl: str = "auto") -> dict:
+    return {
+        "proj": {"type": "pattention", "qkv_tokens": 12, "proj_tokens": 20, "norm": norm, "impl": impl},
+        "ffn": {"type": "pattention", "n_tokens": 40, "norm": norm, "impl": impl},
+    }
+
+
+@pytest.mark.parametrize("norm", ["l2_gelu", "l1_gelu"])
+def test_growth_is_exact_under_l2_and_l1_norms(norm):
+    model = tokenformer(**with_norm(norm)).eval()
+    assert model.blocks[0].ffn.norm == norm
+    assert float(model.blocks[0].ffn.tau) == pytest.approx(math.sqrt(40) if norm == "l2_gelu" else 40)
+    x = torch.randint(0, 256, (3, 24))
+    grown = arch.grow(model, scale=2).eval()
+    assert grown.blocks[0].ffn.n_tokens == 80
+    assert (grown(x) - model(x)).abs().max().item() <= 1e-6
+
+
+def test_softmax_norm_refuses_to_grow():
+    model = tokenformer(**with_norm("softmax"))
+    x = torch.randint(0, 256, (2, 24))
+    assert torch.isfinite(model(x)).all()
+    with pytest.raises(arch.ConfigError, match="cannot grow a Pattention with norm 'softmax'"):
+        arch.grow(model, scale=2)
+
+
+def test_pattention_impl_is_a_checked_config_key():
+    model = tokenformer(**with_norm("l2_gelu", impl="naive"))
+    assert {m.impl for m in model.modules() if isinstance(m, Pattention)} == {"naive"}
+    with pytest.raises(arch.ConfigError, match="impl"):
+        tokenformer(**with_norm("l2_gelu", impl="cuda"))
