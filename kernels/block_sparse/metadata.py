@@ -117,6 +117,7 @@ def build_layout(
     there). ``key_tile``: KT, a power of two in [16, 64]."""
     if key_tile not in (16, 32, 64):
         raise ValueError(f"key_tile: {key_tile} must be 16, 32 or 64")
+    kv_blocks = kv_blocks.long()
     B, Hs, nqb, S = kv_blocks.shape
     dev, KT = kv_blocks.device, key_tile
     nkt = math.ceil(Tk / KT)
