@@ -112,8 +112,8 @@ def test_some_rows_select_no_block():
     assert (sel < 0).all(-1).any()
     dout = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(DEVICE)
     ref, ref_grads = attention_and_grads([t.double() for t in qkv], sel, kw, "naive", dout)
-    for impl in ("torch", "triton"):
-        out, grads = attention_and_grads(qkv, sel, kw, impl, dout)
+    for impl in ("torch", "triton"):  # block indices as int32 here
+        out, grads = attention_and_grads(qkv, sel.int(), kw, impl, dout)
         check("block_sparse_attention", impl, torch.float32, "out", out, ref)
         for a, b in zip(grads, ref_grads):
             check("block_sparse_attention", impl, torch.float32, "grad", a, b)
