@@ -26,6 +26,11 @@ def autotune(configs: list[triton.Config], key: list[str]):
     return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
 
 
+def unit_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit stride along its last dim (kernels address rows by their other strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def f32_dot(dtype: torch.dtype) -> bool:
     """Whether kernels on ``dtype`` operands multiply in fp32 (the ``F32`` constexpr of ``dot``)."""
     return dtype == torch.float32 or (INTERPRETED and dtype == torch.bfloat16)

@@ -24,14 +24,14 @@ import triton
 import triton.language as tl
 
 from ..common import empty
-from ..tl_util import INTERPRETED, autotune, dot, f32_dot
+from ..tl_util import autotune, dot, f32_dot, unit_last
 from .metadata import Layout, build_layout
 
 LOG2E = 1.4426950408889634
 CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3), (4, 1))]
 KEY = ["HD", "QT", "KT", "CAUSAL", "ROWBITS"]
 
-__all__ = ["INTERPRETED", "triton_block_sparse_attention", "build_layout"]
+__all__ = ["triton_block_sparse_attention", "build_layout"]
 
 
 @triton.jit
@@ -308,10 +308,6 @@ def dq_kernel(
     )
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _meta(q: torch.Tensor, layout: Layout) -> dict:
     hd = q.shape[-1]
     return dict(
@@ -444,7 +440,7 @@ class BlockSparseTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout: Layout, scale: float):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        q, k, v = unit_last(q), unit_last(k), unit_last(v)
         out, lse = _forward(q, k, v, layout, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale = layout, scale
@@ -453,7 +449,7 @@ class BlockSparseTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, _unit_last(dout), ctx.layout, ctx.scale)
+        dq, dk, dv = _backward(q, k, v, out, lse, unit_last(dout), ctx.layout, ctx.scale)
         return dq, dk, dv, None, None
 
 

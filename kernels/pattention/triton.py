@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..common import empty
-from ..tl_util import autotune, dot, f32_dot
+from ..tl_util import autotune, dot, f32_dot, unit_last
 from .naive import NORM_EPS
 
 EPS = tl.constexpr(NORM_EPS)  # a jit function may read a global only as a constexpr
@@ -256,16 +256,12 @@ def _grid(rows: int, cols: int, row_block: str):
     return lambda meta: (triton.cdiv(rows, meta[row_block]), triton.cdiv(cols, meta["BC"]))
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class PattentionTriton(torch.autograd.Function):
     """(x [M, d_in], key [n, d_in], value [n, d_out], tau [] fp32, L1) -> [M, d_out]; one dtype for x, key, value."""
 
     @staticmethod
     def forward(ctx, x, key, value, tau, l1: bool):
-        x, key, value = _unit_last(x), _unit_last(key), _unit_last(value)
+        x, key, value = unit_last(x), unit_last(key), unit_last(value)
         (M, d_in), (n, d_out) = x.shape, value.shape
         f32 = f32_dot(x.dtype)
         r = empty((M,), torch.float32, x.device)
@@ -296,7 +292,7 @@ class PattentionTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, key, value, tau, r = ctx.saved_tensors
-        dout = _unit_last(dout)
+        dout = unit_last(dout)
         (M, d_in), (n, d_out) = x.shape, value.shape
         args = dict(L1=ctx.l1, F32=f32_dot(x.dtype))
         strides = (x.stride(0), key.stride(0), value.stride(0), dout.stride(0))
