@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_sparse import block_sparse_attention
+from kernels.block_sparse.api import Impl
 
 from .attention import CausalSelfAttention
 from .config import LayerContext
@@ -64,8 +65,10 @@ class BiLevelRoutingAttention(nn.Module):
         lce_kernel: int = 5,
         lce_input: Literal["v", "x"] = "v",
         qkv_bias: bool = True,
+        impl: Impl = "auto",
     ):
         super().__init__()
+        self.impl = impl  # kernels.block_sparse implementation
         if dim % head_dim:
             raise ConfigError(f"head_dim: {head_dim} does not divide the width {dim}")
         if not is_all(topk) and not 1 <= topk <= n_win**2:
@@ -98,7 +101,7 @@ class BiLevelRoutingAttention(nn.Module):
             sel = route_regions(qr.detach(), kr.detach(), real, n * n, self.topk)[:, None]  # [B, 1, n², topk]
         heads = lambda t: t.view(B, -1, self.n_heads, self.head_dim)  # noqa: E731  [B, T, h, hd]
         out = block_sparse_attention(
-            heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw, key_mask=real, scale=self.scale
+            heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw, key_mask=real, scale=self.scale, impl=self.impl
         )  # [B, T, h, hd]
         out = out.reshape(B, n, n, rh, rw, C).transpose(2, 3).reshape(B, n * rh, n * rw, C)[:, :H, :W]
         return self.wo(out + lce)
@@ -197,8 +200,10 @@ class CausalBRA(CausalSelfAttention):
         topk: TopK = 4,
         attend_first: bool = False,
         query_block: Optional[int] = None,
+        impl: Impl = "auto",
     ):
         super().__init__(ctx)
+        self.impl = impl  # kernels.block_sparse implementation
         query_block = query_block or region_size
         if region_size < 1 or region_size % query_block:
             raise ConfigError(f"mixer.query_block: {query_block} must divide mixer.region_size={region_size}")
@@ -217,6 +222,7 @@ class CausalBRA(CausalSelfAttention):
             q_block_size=self.query_block,
             causal=True,
             token_mask=token_mask,
+            impl=self.impl,
         )
 
     def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_sparse import block_sparse_attention
+from kernels.block_sparse.api import Impl
 
 from .attention import CausalSelfAttention, Tap, attend_keys
 from .config import LayerContext
@@ -294,8 +295,10 @@ class DHSA(CausalSelfAttention):
         predictor_residual: bool = True,
         shared_predictor: bool = False,
         share_boundaries: bool = False,
+        impl: Impl = "auto",
     ):
         super().__init__(ctx)
+        self.impl = impl  # kernels.block_sparse implementation
         self.selection_tap = Tap()  # hooks read (q, k, selection) here
         check_options(dict(locals()))
         self.budget, self.chunker, self.mode, self.query_block = budget, chunker, mode, query_block
@@ -354,7 +357,9 @@ class DHSA(CausalSelfAttention):
         if self.mode == "prefill" and self.training:
             raise RuntimeError("mixer.mode 'prefill' is inference-only (it is not causal); train with mode 'causal'")
         _, _, kv = self.selection_tap(q, k, self.select(q, k))  # kv [B, nb, S]
-        return block_sparse_attention(q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True)
+        return block_sparse_attention(
+            q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True, impl=self.impl
+        )
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
