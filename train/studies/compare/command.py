@@ -1,0 +1,66 @@
+"""Train every arm of a sweep to the same compute budget and compare them (table, JSON, plot, TensorBoard).
+
+    python -m train compare configs/sweeps/mechanisms-tiny.yaml [--seeds K] [--parallel N] [--out DIR]
+
+The sweep file names a base config, the arms (config files and/or override sets; list values expand into one
+arm each) and one budget: ``flops`` (training FLOPs: the FLOPs per token a training step executes, measured on
+the live routes and selections at initialisation, × tokens), ``tokens`` or ``wall_clock`` (seconds of training,
+converted to steps with each arm's step time measured first). Every arm trains on the same batches with the same
+seed (seed + k for the k-th of ``--seeds``), is evaluated on the whole held-out split, and its forward FLOPs are
+measured on held-out windows after training. Writes into DIR (default runs/compare/<sweep name>): results.md,
+results.json, loss_vs_flops.png, runs/ (every job's run dir: ``tensorboard --logdir DIR/runs``), state.json.
+Run the same command again to resume an interrupted sweep: finished jobs are kept, an interrupted one resumes
+from its newest checkpoint. See docs/compare.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from arch.registry import ConfigError
+
+from .sweep import load_sweep
+
+
+def compare(sweep_path: str, seeds: int = 1, parallel: int = 1, out: str | None = None) -> list[dict]:
+    """Plan, run (or resume) and report a sweep; -> the table's rows."""
+    from .report import write_report
+    from .runner import add_jobs, load_state, plan, run_parallel, run_sequential, save
+
+    if seeds < 1 or parallel < 1:
+        raise ConfigError(f"--seeds ({seeds}) and --parallel ({parallel}) must be >= 1")
+    sweep = load_sweep(sweep_path)
+    out_dir = Path(out) if out else Path("runs") / "compare" / sweep.name
+    kind, amount = sweep.budget
+    print(f"compare {sweep.path.name}: {len(sweep.arms)} arms x {seeds} seed(s), budget {kind} = {amount:g} per arm")
+    print(f"  output: {out_dir} (state.json, results.md/.json, loss_vs_flops.png, runs/ for TensorBoard)")
+    state = load_state(sweep, out_dir.resolve())
+    plan(sweep, state)
+    todo = add_jobs(state, seeds)
+    save(state)
+    done = len(state["jobs"]) - len(todo)
+    print(f"  {len(todo)} job(s) to run" + (f", {done} already done (kept)" if done else ""))
+    if parallel > 1:
+        run_parallel(state, todo, parallel)
+    else:
+        run_sequential(state, todo)
+    table, rows = write_report(state)
+    print("\n" + table)
+    print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'loss_vs_flops.png'}")
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every arm with K seeds; mean ± std, ties marked")
+    p.add_argument("--parallel", type=int, default=1, help="run N jobs at once, each in its own process")
+    p.add_argument("--out", help="output folder (default runs/compare/<sweep name>); reuse it to resume")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.overrides:
+        raise ConfigError(f"compare takes no config overrides ({' '.join(args.overrides)}); put them in the sweep")
+    rows = compare(args.target, args.seeds, args.parallel, args.out)
+    if not rows:
+        raise ConfigError("compare: no job finished; see the messages above")
