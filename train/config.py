@@ -55,8 +55,9 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 1000
     accelerator: str = "auto"
-    devices: Union[int, str] = 1
-    strategy: str = "auto"  # e.g. ddp (gloo on CPU, NCCL on GPU), fsdp
+    devices: Union[int, str] = 1  # processes per machine
+    num_nodes: int = 1  # machines (a multi-node run is launched by SLURM or torchrun; README "Scaling out")
+    strategy: str = "auto"  # e.g. ddp (gloo on CPU, NCCL on GPU), fsdp (train.distributed)
     precision: Literal["32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32"
     compile: bool = False
     accumulate_grad_batches: int = 1
@@ -126,6 +127,8 @@ def validate(cfg: Mapping) -> dict:
     cfg["model"] = _check_model(cfg["model"])
     _check_data(cfg)
     _check_trainer(cfg["trainer"])
+    if cfg["trainer"]["strategy"] == "fsdp" and task_of(cfg) != "lm":
+        raise ConfigError("trainer.strategy: 'fsdp' is implemented for language models; use ddp for classifiers")
     if cfg["optim"]["warmup_steps"] < 0 or len(cfg["optim"]["betas"]) != 2:
         raise ConfigError("optim: warmup_steps must be >= 0 and betas a list of two floats")
     for method in load_methods().values():
@@ -168,7 +171,7 @@ def _check_data(cfg: dict) -> None:
 
 
 def _check_trainer(trainer: dict) -> None:
-    for key in ("max_steps", "log_every", "val_every", "ckpt_every", "accumulate_grad_batches"):
+    for key in ("max_steps", "log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes"):
         if trainer[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {trainer[key]}")
     if trainer["keep_checkpoints"] == 0 or trainer["keep_checkpoints"] < -1:

@@ -23,8 +23,11 @@ from arch.registry import ConfigError
 from .sweep import load_sweep
 
 
-def compare(sweep_path: str, seeds: int = 1, parallel: int = 1, out: str | None = None) -> list[dict]:
-    """Plan, run (or resume) and report a sweep; -> the table's rows."""
+def compare(
+    sweep_path: str, seeds: int = 1, parallel: int = 1, out: str | None = None, plan_only: bool = False
+) -> list[dict]:
+    """Plan, run (or resume) and report a sweep; -> the table's rows. ``plan_only``: measure and print every
+    arm's steps and step time, write nothing, train nothing."""
     from .report import write_report
     from .runner import add_jobs, load_state, plan, run_parallel, run_sequential, save
 
@@ -34,6 +37,10 @@ def compare(sweep_path: str, seeds: int = 1, parallel: int = 1, out: str | None 
     out_dir = Path(out) if out else Path("runs") / "compare" / sweep.name
     kind, amount = sweep.budget
     print(f"compare {sweep.path.name}: {len(sweep.arms)} arms x {seeds} seed(s), budget {kind} = {amount:g} per arm")
+    if plan_only:
+        print("  plan only (nothing is written): measured FLOPs, steps and step time of every arm")
+        plan(sweep, {"out": str(out_dir)}, time_steps=True)
+        return []
     print(f"  output: {out_dir} (state.json, results.md/.json, loss_vs_flops.png, runs/ for TensorBoard)")
     state = load_state(sweep, out_dir.resolve())
     plan(sweep, state)
@@ -56,11 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1, help="repeat every arm with K seeds; mean ± std, ties marked")
     p.add_argument("--parallel", type=int, default=1, help="run N jobs at once, each in its own process")
     p.add_argument("--out", help="output folder (default runs/compare/<sweep name>); reuse it to resume")
+    p.add_argument("--plan", action="store_true", help="only measure and print each arm's steps and step time")
 
 
 def run(args: argparse.Namespace) -> None:
     if args.overrides:
         raise ConfigError(f"compare takes no config overrides ({' '.join(args.overrides)}); put them in the sweep")
-    rows = compare(args.target, args.seeds, args.parallel, args.out)
-    if not rows:
+    rows = compare(args.target, args.seeds, args.parallel, args.out, args.plan)
+    if not rows and not args.plan:
         raise ConfigError("compare: no job finished; see the messages above")

@@ -96,14 +96,15 @@ def steps_for(budget: tuple[str, float], train_flops: float, tokens_per_step: in
     return steps
 
 
-def plan_arm(arm: Arm, cfg: dict, budget: tuple[str, float]) -> dict:
-    """Measure an arm at initialisation (its first seed) and turn the budget into its number of steps."""
+def plan_arm(arm: Arm, cfg: dict, budget: tuple[str, float], time_steps: bool = False) -> dict:
+    """Measure an arm at initialisation (its first seed) and turn the budget into its number of steps; its step
+    time is measured for a ``wall_clock`` budget or when ``time_steps``."""
     d, tr = cfg["data"], cfg["trainer"]
     tokens_per_step = d["batch_size"] * d["seq_len"] * tr["accumulate_grad_batches"] * world_size(tr)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"])
     train_flops = measured_flops_per_token(model, train_batches(cfg, MEASURE_BATCHES), train=True)
-    step_s = step_seconds(cfg) if budget[0] == "wall_clock" else None
+    step_s = step_seconds(cfg) if budget[0] == "wall_clock" or time_steps else None
     steps = steps_for(budget, train_flops, tokens_per_step, step_s)
     return {
         "config": arm.config,
@@ -119,7 +120,7 @@ def plan_arm(arm: Arm, cfg: dict, budget: tuple[str, float]) -> dict:
     }
 
 
-def plan(sweep: Sweep, state: dict) -> dict:
+def plan(sweep: Sweep, state: dict, time_steps: bool = False) -> dict:
     """Plan every arm not planned yet (checking the planned ones still have the same config); prints the plan."""
     configs = {arm.name: load_config(arm.config, arm.overrides) for arm in sweep.arms}
     check_same_data(configs)
@@ -132,11 +133,13 @@ def plan(sweep: Sweep, state: dict) -> dict:
                 "give the sweep another --out (or delete that folder)"
             )
         if old is None:
-            arms[arm.name] = plan_arm(arm, configs[arm.name], sweep.budget)
+            arms[arm.name] = plan_arm(arm, configs[arm.name], sweep.budget, time_steps)
         p = arms[arm.name]
+        timed = f", {p['step_s']:.3f} s/step: {p['step_s'] * p['max_steps']:.0f} s of training" if p["step_s"] else ""
         print(
             f"  {arm.name}: {p['params'] / 1e6:.2f}M params, {p['train_flops'] / 1e6:.2f} MFLOP/token per training "
-            f"step (measured), {p['max_steps']} steps of {p['tokens_per_step']} tokens"
+            f"step (measured), {p['max_steps']} steps of {p['tokens_per_step']} tokens{timed}",
+            flush=True,
         )
     return state
 
