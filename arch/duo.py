@@ -43,11 +43,16 @@ ROUTE_NAMES = ("skip", "small", "big")
 
 @FFNS.register("duo")
 class DuoFFN(nn.Module):
-    """big: SwiGLU MLP with ``d_ff``; small: SwiGLU MLP with ``d_ff // small_ratio`` (the paper: 10240 / 640)."""
+    """big: SwiGLU MLP with ``d_ff``; small: SwiGLU MLP with ``d_ff // small_ratio`` (the paper: 10240 / 640).
+
+    ``big`` (optional): an existing FFN ([.., D] -> [.., D], hidden width ``d_ff``) to use as the big module, e.g. a
+    pretrained model's MLP (``arch.interop.swap_mlp``); the small module is always new.
+    """
 
     def __init__(
         self,
         ctx: LayerContext,
+        big: Optional[nn.Module] = None,
         *,
         d_ff: Optional[int] = None,
         small_ratio: int = 16,
@@ -75,7 +80,7 @@ class DuoFFN(nn.Module):
             raise ConfigError(f"{where}.fixed_routes: only used with routing 'fixed' (routing is {routing!r})")
         self.routing, self.p_big_random, self.p_skip_random, self.router_skip = routing, p_big, p_skip, router_skip
         self.fixed_route = ROUTE_NAMES.index(fixed_routes[ctx.layer_idx]) if routing == "fixed" else None
-        self.big = MLP(ctx, d_ff=d_ff)  # [B, T, D] -> [B, T, D]
+        self.big = MLP(ctx, d_ff=d_ff) if big is None else big  # [B, T, D] -> [B, T, D]
         self.small = MLP(ctx, d_ff=d_ff // small_ratio)
         # Every duo layer has a router (trained and used only by routing 'router'), so checkpoints of all modes
         # share weights: a stage-1 (random) checkpoint initialises a stage-3 (router) model exactly.
