@@ -1,0 +1,1 @@
+"""Studies on pretrained Hugging Face models with our blocks swapped in (``arch.interop``)."""
