@@ -81,13 +81,7 @@ class SwappedAttention(nn.Module):
         """hidden_states [B, T, D] -> ([B, T, D], None), the signature of the attention it replaces."""
         cache = cache if cache is not None else past_key_values
         B, T, _ = hidden_states.shape
-        heads = lambda x: x.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731  [B, h, T, hd]
-        q, k, v = (
-            heads(self.q_proj(hidden_states)),
-            heads(self.k_proj(hidden_states)),
-            heads(self.v_proj(hidden_states)),
-        )
-        q, k = self.rotate(q, k, *position_embeddings)
+        q, k, v = self.project(hidden_states, position_embeddings)  # [B, h, T, hd]
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if self.window is not None and past + T > self.window:
             raise ValueError(
@@ -106,6 +100,15 @@ class SwappedAttention(nn.Module):
             q = q * self.q_factor
         y = self.prefill(q, k, v, cache) if past == 0 else self.decode(q, k, v, cache)  # [B, T, H, hd]
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim)), None
+
+    def project(self, hidden_states: torch.Tensor, position_embeddings: tuple) -> tuple[torch.Tensor, ...]:
+        """hidden_states [B, T, D] -> q [B, H, T, hd], k, v [B, Hkv, T, hd]: the pretrained projections, q and k
+        rotated with the model's cos, sin (the layout of the attention this replaces)."""
+        B, T, _ = hidden_states.shape
+        heads = lambda x: x.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states))
+        q, k = self.rotate(q, k, *position_embeddings)
+        return q, k, heads(self.v_proj(hidden_states))
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Any) -> torch.Tensor:
         """The whole sequence at once: the mixer's selection and attention; with a cache and a sparse decoder,

@@ -26,8 +26,18 @@ def readme_examples() -> list[str]:
 
 def test_readme_section_has_an_example_per_block():
     code = "\n".join(readme_examples())
-    for name in ("CausalSelfAttention(", "DHSA(", 'chunker="fixed"', "CausalBRA(", "BiLevelRoutingAttention(",
-                 "Pattention(", "PattentionFFN(", "DuoFFN(", "swap_attention(", "swap_mlp("):  # fmt: skip
+    for name in (
+        "CausalSelfAttention(",
+        "DHSA(",
+        'chunker="fixed"',
+        "CausalBRA(",
+        "BiLevelRoutingAttention(",
+        "Pattention(",
+        "PattentionFFN(",
+        "DuoFFN(",
+        "swap_attention(",
+        "swap_mlp(",
+    ):
         assert name in code, f"README section {SECTION!r} has no example using {name}"
 
 
@@ -66,9 +76,12 @@ def test_for_block_errors_name_the_key(kwargs, match):
 # ------------------------------------------------------------------------------------------------- core_only
 @pytest.mark.parametrize(
     "cls, options",
-    [(CausalSelfAttention, {}), (DHSA, {"budget": 24, "query_block": 8, "n_init": 4, "n_recent": 4}),
-     (CausalBRA, {"region_size": 8, "topk": 1})],
-)  # fmt: skip
+    [
+        (CausalSelfAttention, {}),
+        (DHSA, {"budget": 24, "query_block": 8, "n_init": 4, "n_recent": 4}),
+        (CausalBRA, {"region_size": 8, "topk": 1}),
+    ],
+)
 def test_core_only_has_no_projections_and_attends_like_the_full_mixer(cls, options):
     ctx = LayerContext.for_block(d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=128)
     torch.manual_seed(0)
@@ -87,8 +100,18 @@ def test_dhsa_decode_state_continues_like_the_full_sequence(chunker, prompt):
     """decode_state(prefill) then attend_step for every later position equals the rows of attend() on the whole
     sequence (which the one-by-one decoding already equals), at a budget that is really sparse."""
     ctx = LayerContext.for_block(d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=128)
-    m = DHSA.core_only(ctx, budget=20, chunker=chunker, query_block=8, n_init=4, n_recent=4, chunk_size=5,
-                       max_chunk=16, window=3, nms_radius=2)  # fmt: skip
+    m = DHSA.core_only(
+        ctx,
+        budget=20,
+        chunker=chunker,
+        query_block=8,
+        n_init=4,
+        n_recent=4,
+        chunk_size=5,
+        max_chunk=16,
+        window=3,
+        nms_radius=2,
+    )
     g = torch.Generator().manual_seed(prompt)
     T = 83
     q, k, v = (torch.randn(1, T, h, 16, generator=g) for h in (4, 2, 2))

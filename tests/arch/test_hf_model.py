@@ -18,12 +18,23 @@ MODELS = {  # init 0.3: logits vary enough that greedy decoding does not repeat 
     "mixed": {  # per-layer blocks, Pattention projections and FFN, Duo FFN, untied head, partial RoPE
         "proj": {"type": "pattention", "qkv_tokens": 24, "proj_tokens": 24},
         "ffn": {"type": "duo", "routing": "fixed", "fixed_routes": ["big", "small"], "small_ratio": 4},
-        "layers": {"1": {"mixer": {"type": "dhsa", "budget": 16, "chunker": "fixed", "query_block": 8,
-                                   "n_init": 4, "n_recent": 4}, "ffn": {"type": "pattention", "n_tokens": 48}}},
+        "layers": {
+            "1": {
+                "mixer": {
+                    "type": "dhsa",
+                    "budget": 16,
+                    "chunker": "fixed",
+                    "query_block": 8,
+                    "n_init": 4,
+                    "n_recent": 4,
+                },
+                "ffn": {"type": "pattention", "n_tokens": 48},
+            }
+        },
         "tie_embeddings": False,
         "rope_fraction": 0.5,
     },
-}  # fmt: skip
+}
 
 
 def build(name: str, seed: int = 0):

@@ -36,7 +36,7 @@ COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
     initializer_range=0.2,
-)  # fmt: skip  (init 0.2: attention matters for the logits, so a wrong attention shows)
+)  # init 0.2: attention matters for the logits, so a wrong attention shows
 
 
 def tiny(kind: str = "llama", seed: int = 0, **overrides):
@@ -290,7 +290,7 @@ def test_smollm2_swaps_give_the_original_logits_tokens_and_restore(smollm2):
         "dhsa": {"type": "dhsa", "budget": 8192},
         "fixed": {"type": "dhsa", "chunker": "fixed", "budget": 8192},
         "bra": {"type": "bra", "topk": "all"},
-    }  # fmt: skip  (default options: query blocks of 64)
+    }  # default options: query blocks of 64
     for name, spec in mixers.items():
         swap_attention(model, spec)
         diff = (logits(model, x) - ref).abs().max().item()

@@ -2,7 +2,7 @@
 
     python -m train hf-swap [--check-tokens 1024] [--new-tokens 32] [--context 2048] [--windows 4]
         [--budgets 256 512 1024] [--variants dhsa fixed bra] [--n-init 64] [--n-recent 64] [--chunk-size 16]
-        [--region-size 64] [--skip-check] [--skip-ppl] [--gguf FILE] [--out FILE.json]
+        [--region-size 64] [--skip-check] [--skip-ppl] [--gguf FILE] [--threads N] [--out FILE.json]
 
 Text: the held-out plays of the Shakespeare corpus (``train.data.SHAKESPEARE_VAL``: Hamlet, Macbeth, The Tempest,
 Twelfth Night), tokenized with the model's tokenizer. Nothing is downloaded: the model is the GGUF file of the
@@ -232,10 +232,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region-size", type=int, default=64, help="BRA: tokens per region")
     parser.add_argument("--skip-check", action="store_true", help="only the perplexity table")
     parser.add_argument("--skip-ppl", action="store_true", help="only the equality check")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default; 1 on a shared CPU avoids OpenMP spin)",
+    )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = args.gguf or smollm2_file()
     print(f"hf-swap: loading {path} (offline, de-quantized to fp32) on {torch.get_num_threads()} CPU threads")
     model, tokenizer = load_gguf(path)
