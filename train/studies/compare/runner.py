@@ -196,6 +196,8 @@ def run_job(out: Path, key: str) -> dict:
     p = state["arms"][job["arm"]]
     resume = interrupted_run(out, key)
     resumed_from = int(latest_checkpoint(resume).stem.split("-")[1]) if resume else None
+    # the interrupted attempt's validations up to its checkpoint (resuming rewrites the CSV log)
+    earlier = [pt for pt in val_curve(resume, p["max_steps"]) if pt[0] <= resumed_from] if resume else []
     t0 = time.perf_counter()
     result = fit(p["config"], job_overrides(state, key), resume=str(resume) if resume else None)
     wall = time.perf_counter() - t0
@@ -216,7 +218,9 @@ def run_job(out: Path, key: str) -> dict:
         "val_bpb": heldout["bpb"],
         "eval_tokens": heldout["tokens"],
         "forward_flops": measured_flops_per_token(model, heldout_batches(cfg, MEASURE_WINDOWS)),
-        "curve": val_curve(Path(result["run_dir"]), p["max_steps"]),
+        "curve": [
+            list(pt) for pt in sorted(dict(earlier + val_curve(Path(result["run_dir"]), p["max_steps"])).items())
+        ],
     }
     write_json(out / "jobs" / f"{slug(key)}.json", out_row)
     return out_row

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -121,8 +121,18 @@ def parse_budget(spec) -> tuple[str, float]:
     return kind, amount
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file; every arm's config is validated (nothing is built or written)."""
+def parse_budget_option(text: str) -> tuple[str, float]:
+    """``--budget KIND=AMOUNT`` (e.g. ``flops=2e12``) -> (kind, amount)."""
+    kind, sep, amount = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--budget: expected KIND=AMOUNT with KIND one of {', '.join(BUDGETS)}, got {text!r}")
+    return parse_budget({kind.strip(): amount.strip()})
+
+
+def load_sweep(path: str | Path, budget: str | None = None, overrides: Iterable[str] = ()) -> Sweep:
+    """Read and check a sweep file; every arm's config is validated (nothing is built or written). ``budget``
+    (``KIND=AMOUNT``) replaces the file's budget (a short run of the same arms); ``overrides`` (``key=value``) are
+    applied to every arm after the file's ``overrides`` (an arm's own keys still win)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
@@ -133,7 +143,7 @@ def load_sweep(path: str | Path) -> Sweep:
     arms_spec = raw.get("arms")
     if not isinstance(arms_spec, Mapping) or not arms_spec:
         raise ConfigError(f"{path.name}: arms: expected a mapping of arm names to overrides")
-    common = as_overrides(raw.get("overrides") or {}, "overrides")
+    common = as_overrides(raw.get("overrides") or {}, "overrides") + as_overrides(list(overrides), "overrides")
     arms = []
     for name, spec in arms_spec.items():
         spec = spec or {}
@@ -150,7 +160,8 @@ def load_sweep(path: str | Path) -> Sweep:
     val_points = int(raw.get("val_points", 8))
     if val_points < 1:
         raise ConfigError(f"val_points: must be >= 1, got {val_points}")
-    return Sweep(path, arms, parse_budget(raw.get("budget")), reference, val_points)
+    spent = parse_budget_option(budget) if budget is not None else parse_budget(raw.get("budget"))
+    return Sweep(path, arms, spent, reference, val_points)
 
 
 SAME_DATA = ("source", "tokenizer", "batch_size", "seq_len")  # data keys that fix the order of training batches

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from arch.registry import ConfigError
+from train.config import load_config
 from train.studies.compare.command import compare
 from train.studies.compare.report import markdown, summarise
-from train.studies.compare.runner import plan_arm, slug, steps_for
+from train.studies.compare.runner import plan_arm, slug, steps_for, val_curve
 from train.studies.compare.sweep import load_sweep
 
 from ....conftest import CONFIGS, ROOT
@@ -111,6 +112,29 @@ def test_bad_sweeps_are_clear_errors(tmp_path, corpus, arms, budget, extra, mess
         load_sweep(write_sweep(tmp_path / "s.yaml", corpus, arms, budget, **extra))
 
 
+def test_budget_option_replaces_the_files_budget(tmp_path, corpus):
+    path = write_sweep(tmp_path / "s.yaml", corpus, {"a": {}}, {"flops": 2.0e13})
+    assert load_sweep(path).budget == ("flops", 2.0e13)
+    assert load_sweep(path, "flops=2e12").budget == ("flops", 2.0e12)
+    assert load_sweep(path, "tokens = 4096").budget == ("tokens", 4096.0)  # the kind may change too
+    with pytest.raises(ConfigError, match="--budget: expected KIND=AMOUNT"):
+        load_sweep(path, "2e12")
+    with pytest.raises(ConfigError, match="budget: expected exactly one of flops, tokens, wall_clock"):
+        load_sweep(path, "steps=3")
+    with pytest.raises(ConfigError, match="budget.flops: must be > 0"):
+        load_sweep(path, "flops=-1")
+
+
+def test_command_line_overrides_apply_to_every_arm_before_the_arms_own(tmp_path, corpus):
+    path = write_sweep(tmp_path / "s.yaml", corpus, {"a": {}, "b": {"optim.lr": 1.0e-3}}, {"tokens": 1024})
+    arms = load_sweep(path, overrides=["optim.lr=5e-4", "data.batch_size=2"]).arms
+    cfgs = {arm.name: load_config(arm.config, arm.overrides) for arm in arms}
+    assert cfgs["a"]["optim"]["lr"] == 5e-4 and cfgs["b"]["optim"]["lr"] == 1e-3  # b's own key wins
+    assert cfgs["a"]["data"]["batch_size"] == cfgs["b"]["data"]["batch_size"] == 2  # after the file's (4)
+    with pytest.raises(ConfigError, match="overrides: expected"):
+        load_sweep(path, overrides=["optim.lr"])
+
+
 def test_arms_must_train_on_the_same_batches(tmp_path, corpus):
     path = write_sweep(tmp_path / "s.yaml", corpus, {"a": {}, "b": {"data.batch_size": 8}}, {"tokens": 1024})
     with pytest.raises(ConfigError, match=r"arms.b: data.batch_size is 8 but 4 in arm a"):
@@ -124,8 +148,6 @@ def test_budget_conversion_per_arm(tmp_path, corpus):
     assert steps_for(("wall_clock", 10.0), 1.0, 128, 3.0) == 3  # whole steps within the time
     with pytest.raises(ConfigError, match="buys no training step"):
         steps_for(("tokens", 10), 1.0, 128, None)
-    from train.config import load_config
-
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", corpus, {"dense": {}, "duo": DUO}, {"wall_clock": 4.0}))
     arm = sweep.arms[1]
     p = plan_arm(arm, load_config(arm.config, arm.overrides), sweep.budget)  # times a few real steps
@@ -232,6 +254,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, corpus):
     assert not (out / "jobs" / "b-seed0.json").exists()
     a_result = (out / "jobs" / "a-seed0.json").read_text()
     (interrupted,) = (out / "runs" / "b-seed0").iterdir()
+    earlier = val_curve(interrupted, 600)  # what the stopped attempt had logged (resuming rewrites its CSV)
 
     rows = compare(str(path), out=str(out))
     assert [r["arm"] for r in rows] == ["a", "b"]
@@ -240,3 +263,4 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, corpus):
     b = json.loads((out / "jobs" / "b-seed0.json").read_text())
     assert b["resumed_from_step"] == 300 and Path(b["run_dir"]) == interrupted  # resumed in its own folder
     assert rows[1]["resumed"] and "(resumed)" in (out / "results.md").read_text()
+    assert all(pt in b["curve"] for pt in earlier if pt[0] <= 300) and b["curve"][-1][0] == 600
