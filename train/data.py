@@ -10,8 +10,9 @@ Sources (``data.source``), all read through Hugging Face ``datasets``:
 
 Documents are tokenized, joined with the tokenizer's end-of-document id, and cached as one token array per
 split under ``data.cache_dir`` (keyed by the source spec, the tokenizer and the files' sizes and times).
-Training batches are random windows drawn from a generator seeded by ``(seed, rank, step)``: a batch depends only
-on its step number, so a resumed run sees exactly the batches an uninterrupted run would.
+Training batches are random windows drawn from a generator seeded by ``(seed, step)``: a batch depends only on its
+step number, so a resumed run sees exactly the batches an uninterrupted run would; with several processes each
+takes its slice of the global batch (``TrainWindows``).
 """
 
 from __future__ import annotations

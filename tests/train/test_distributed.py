@@ -3,6 +3,7 @@ the hybrid model on 2 CPU processes gives the losses of one process with the sam
 checkpoint resumes under DDP and under one process."""
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,11 @@ def train_losses(run_dir) -> dict[int, float]:
 
 
 def launch(args: list[str]) -> str:
-    """``python -m train <args>`` in a new process (Lightning starts the other ranks); its output."""
-    r = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    """``python -m train <args>`` in a new process (Lightning starts the other ranks); its output. One thread per
+    process: two processes of two threads on two cores spin in OpenMP barriers (README)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "train", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r.stdout + r.stderr
 
