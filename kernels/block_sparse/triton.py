@@ -50,6 +50,21 @@ def _visible(
     return vis
 
 
+@triton.jit
+def _tile(ptr, b, h, idx, d, s_b, s_t, s_h, mask):
+    """The [len(idx), HD] tile of a [B, T, heads, hd] tensor at batch ``b``, head ``h``, positions ``idx``."""
+    return tl.load(ptr + b * s_b + h * s_h + idx[:, None] * s_t + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _query_tile(t, bh, H, Hs, q_start, q_end, QT: tl.constexpr):
+    """Program (query tile ``t``, batch*head ``bh``) -> batch, head, selection group, rows [QT] and their mask."""
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = tl.load(q_start + t) + tl.arange(0, QT)
+    return b, h, b * Hs + h % Hs, rows, rows < tl.load(q_end + t)
+
+
 @autotune(CONFIGS, key=KEY)
 @triton.jit
 def fwd_kernel(
@@ -94,17 +109,11 @@ def fwd_kernel(
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    g = b * Hs + h % Hs
-    rows = tl.load(q_start + t) + tl.arange(0, QT)
-    rmask = rows < tl.load(q_end + t)
+    b, h, g, rows, rmask = _query_tile(t, bh, H, Hs, q_start, q_end, QT)
     d = tl.arange(0, HD)
     dmask = d < hd
     qmask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=qmask, other=0.0)
-    k_base = K + b * sk_b + (h // REP) * sk_h
-    v_base = V + b * sv_b + (h // REP) * sv_h
+    q = _tile(Q, b, h, rows, d, sq_b, sq_t, sq_h, qmask)
     m_i = tl.full([QT], float("-inf"), tl.float32)
     l_i = tl.zeros([QT], tl.float32)
     acc = tl.zeros([QT, HD], tl.float32)
@@ -113,7 +122,7 @@ def fwd_kernel(
     for e in range(e0, e1):
         kcols = tl.load(e_ktile + e) * KT + tl.arange(0, KT)
         kvmask = (kcols < Tk)[:, None] & dmask[None, :]
-        k = tl.load(k_base + kcols[:, None] * sk_t + d[None, :], mask=kvmask, other=0.0)
+        k = _tile(K, b, h // REP, kcols, d, sk_b, sk_t, sk_h, kvmask)
         s = dot(q, tl.trans(k), F32) * scale_log2  # [QT, KT] logits in log2 units
         if tl.load(e_full + e) == 0:
             s = tl.where(_visible(e, rows, kcols, e_bits, e_rowbits, QT, KT, CAUSAL, ROWBITS), s, float("-inf"))
@@ -122,7 +131,7 @@ def fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kcols[:, None] * sv_t + d[None, :], mask=kvmask, other=0.0)
+        v = _tile(V, b, h // REP, kcols, d, sv_b, sv_t, sv_h, kvmask)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a query that sees no key: zeros
@@ -193,8 +202,8 @@ def dkdv_kernel(
     d = tl.arange(0, HD)
     dmask = d < hd
     kvmask = (kcols < Tk)[:, None] & dmask[None, :]
-    k = tl.load(K + b * sk_b + kvh * sk_h + kcols[:, None] * sk_t + d[None, :], mask=kvmask, other=0.0)
-    v = tl.load(V + b * sv_b + kvh * sv_h + kcols[:, None] * sv_t + d[None, :], mask=kvmask, other=0.0)
+    k = _tile(K, b, kvh, kcols, d, sk_b, sk_t, sk_h, kvmask)
+    v = _tile(V, b, kvh, kcols, d, sv_b, sv_t, sv_h, kvmask)
     dk = tl.zeros([KT, HD], tl.float32)
     dv = tl.zeros([KT, HD], tl.float32)
     for r in range(0, REP):  # the query heads that share this KV head
@@ -209,8 +218,8 @@ def dkdv_kernel(
             rows = tl.load(q_start + t) + tl.arange(0, QT)
             rmask = rows < tl.load(q_end + t)
             qmask = rmask[:, None] & dmask[None, :]
-            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=qmask, other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t + d[None, :], mask=qmask, other=0.0)
+            q = _tile(Q, b, h, rows, d, sq_b, sq_t, sq_h, qmask)
+            do = _tile(DO, b, h, rows, d, sdo_b, sdo_t, sdo_h, qmask)
             lse = tl.load(LSE + row_base + rows, mask=rmask, other=float("inf"))
             delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
             p = tl.exp2(dot(q, tl.trans(k), F32) * scale_log2 - lse[:, None])  # [QT, KT]
@@ -274,28 +283,22 @@ def dq_kernel(
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    g = b * Hs + h % Hs
-    rows = tl.load(q_start + t) + tl.arange(0, QT)
-    rmask = rows < tl.load(q_end + t)
+    b, h, g, rows, rmask = _query_tile(t, bh, H, Hs, q_start, q_end, QT)
     d = tl.arange(0, HD)
     dmask = d < hd
     qmask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t + d[None, :], mask=qmask, other=0.0)
+    q = _tile(Q, b, h, rows, d, sq_b, sq_t, sq_h, qmask)
+    do = _tile(DO, b, h, rows, d, sdo_b, sdo_t, sdo_h, qmask)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rmask, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rmask, other=0.0)
-    k_base = K + b * sk_b + (h // REP) * sk_h
-    v_base = V + b * sv_b + (h // REP) * sv_h
     dq = tl.zeros([QT, HD], tl.float32)
     e0 = tl.load(row_ptr + g * n_qtiles + t)
     e1 = tl.load(row_ptr + g * n_qtiles + t + 1)
     for e in range(e0, e1):
         kcols = tl.load(e_ktile + e) * KT + tl.arange(0, KT)
         kvmask = (kcols < Tk)[:, None] & dmask[None, :]
-        k = tl.load(k_base + kcols[:, None] * sk_t + d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(v_base + kcols[:, None] * sv_t + d[None, :], mask=kvmask, other=0.0)
+        k = _tile(K, b, h // REP, kcols, d, sk_b, sk_t, sk_h, kvmask)
+        v = _tile(V, b, h // REP, kcols, d, sv_b, sv_t, sv_h, kvmask)
         p = tl.exp2(dot(q, tl.trans(k), F32) * scale_log2 - lse[:, None])
         if tl.load(e_full + e) == 0:
             p = tl.where(_visible(e, rows, kcols, e_bits, e_rowbits, QT, KT, CAUSAL, ROWBITS), p, 0.0)
