@@ -327,38 +327,24 @@ def _rowbits(layout: Layout) -> torch.Tensor:
     return layout.e_bits if layout.e_rowbits is None else layout.e_rowbits  # a placeholder when unused
 
 
+def _query_lists(layout: Layout) -> tuple:
+    """The forward and dq kernels' view of the layout: per query tile its rows and its list of key-tile entries."""
+    return layout.q_start, layout.q_end, layout.row_ptr, layout.e_ktile, layout.e_bits, layout.e_full, _rowbits(layout)
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """The batch, time and head strides of each [B, T, heads, hd] tensor, in order."""
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
 def _forward(q, k, v, layout: Layout, scale: float):
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     out = empty((B, Tq, H, hd), q.dtype, q.device)
     lse = empty((B * H, Tq), torch.float32, q.device)
-    fwd_kernel[(layout.n_qtiles, B * H)](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        layout.q_start,
-        layout.q_end,
-        layout.row_ptr,
-        layout.e_ktile,
-        layout.e_bits,
-        layout.e_full,
-        _rowbits(layout),
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *out.stride()[:3],
-        H,
-        layout.Hs,
-        H // Hkv,
-        Tq,
-        Tk,
-        hd,
-        layout.n_qtiles,
-        scale * LOG2E,
-        **_meta(q, layout),
-    )
+    sizes = (H, layout.Hs, H // Hkv, Tq, Tk, hd, layout.n_qtiles)
+    tensors = (q, k, v, out, lse, *_query_lists(layout))
+    fwd_kernel[(layout.n_qtiles, B * H)](*tensors, *_strides(q, k, v, out), *sizes, scale * LOG2E, **_meta(q, layout))
     return out, lse
 
 
@@ -370,71 +356,14 @@ def _backward(q, k, v, out, lse, dout, layout: Layout, scale: float):
     dv = empty(v.shape, v.dtype, v.device)
     dq = empty(q.shape, q.dtype, q.device)
     meta = _meta(q, layout)
-    dkdv_kernel[(layout.n_ktiles, B * Hkv)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        layout.q_start,
-        layout.q_end,
-        layout.col_ptr,
-        layout.t_qtile,
-        layout.t_entry,
-        layout.e_bits,
-        layout.e_full,
-        _rowbits(layout),
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *dout.stride()[:3],
-        *dk.stride()[:3],
-        H,
-        Hkv,
-        layout.Hs,
-        H // Hkv,
-        Tq,
-        Tk,
-        hd,
-        layout.n_ktiles,
-        scale,
-        scale * LOG2E,
-        **meta,
-    )
-    dq_kernel[(layout.n_qtiles, B * H)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        layout.q_start,
-        layout.q_end,
-        layout.row_ptr,
-        layout.e_ktile,
-        layout.e_bits,
-        layout.e_full,
-        _rowbits(layout),
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *dout.stride()[:3],
-        *dq.stride()[:3],
-        H,
-        layout.Hs,
-        H // Hkv,
-        Tq,
-        Tk,
-        hd,
-        layout.n_qtiles,
-        scale,
-        scale * LOG2E,
-        **meta,
-    )
+    key_lists = (layout.q_start, layout.q_end, layout.col_ptr, layout.t_qtile, layout.t_entry, layout.e_bits)
+    key_lists += (layout.e_full, _rowbits(layout))
+    tensors = (q, k, v, dout, lse, delta, dk, dv, *key_lists, *_strides(q, k, v, dout, dk))
+    sizes = (H, Hkv, layout.Hs, H // Hkv, Tq, Tk, hd, layout.n_ktiles)
+    dkdv_kernel[(layout.n_ktiles, B * Hkv)](*tensors, *sizes, scale, scale * LOG2E, **meta)
+    tensors = (q, k, v, dout, lse, delta, dq, *_query_lists(layout), *_strides(q, k, v, dout, dq))
+    sizes = (H, layout.Hs, H // Hkv, Tq, Tk, hd, layout.n_qtiles)
+    dq_kernel[(layout.n_qtiles, B * H)](*tensors, *sizes, scale, scale * LOG2E, **meta)
     return dq, dk, dv
 
 
