@@ -163,12 +163,13 @@ class CausalBRA(CausalSelfAttention):
         self.region_size, self.topk, self.attend_first, self.query_block = region_size, topk, attend_first, query_block
 
     def density(self, seq_len: int) -> float:
-        """Fraction of the causal query-key pairs of a ``seq_len``-token sequence that the routing may attend: a
-        query in region r sees at most min(r, topk (+1 with ``attend_first``)) whole past regions and its own
-        region causally. 1.0: ``topk`` covers every past region, i.e. exactly dense attention."""
+        """Fraction of the causal query-key pairs of a ``seq_len``-token sequence that the routing attends at
+        least: a query in region r sees min(r, topk) whole past regions (at least region 0 with ``attend_first``;
+        a routing may add region 0 to its top-k) and its own region causally. 1.0: every past region is always
+        seen, i.e. exactly dense attention."""
         t = torch.arange(seq_len)
         r = t // self.region_size  # [T] region of each query
-        past = r if is_all(self.topk) else r.clamp_max(self.topk + int(self.attend_first))
+        past = r if is_all(self.topk) else r.clamp_max(max(self.topk, int(self.attend_first)))
         seen = past * self.region_size + t % self.region_size + 1  # [T] keys each query sees
         return float(seen.sum() / (t + 1).sum())
 

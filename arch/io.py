@@ -28,16 +28,28 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"writing failed ({e.strerror or e})", str(path)) from None
-    except Exception as e:  # libraries that write from native code report the OS error in their message
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
+    except Exception as e:
+        cause = os_error_of(e)
+        if cause is None:
             raise
-        raise OSError(int(code[1]), f"writing failed ({os.strerror(int(code[1]))})", str(path)) from None
+        raise OSError(cause.errno, f"writing failed ({cause.strerror or cause})", str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """The OS error behind an exception: the exception itself, one it was raised while handling (torch.save
+    fails with a RuntimeError after the OSError of a full disk), or one named in its message (``os error 28``,
+    as libraries written in Rust report it); None if there is none."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        code = re.search(r"os error (\d+)", str(e))
+        if code:
+            return OSError(int(code[1]), os.strerror(int(code[1])))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:

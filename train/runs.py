@@ -84,12 +84,23 @@ def _saved_activation_bytes(cfg: dict, model, batch: int, probe_len: int) -> int
     return total
 
 
+def _activation_bytes(cfg: dict, model, probe_len: int) -> int:
+    """Saved activations of a training batch: measured at the batch's length up to ``probe_len`` tokens, and
+    beyond it extrapolated along the line through the measurements at ``probe_len / 2`` and ``probe_len``
+    (weights saved for backward do not grow with the length)."""
+    B, T = cfg["data"]["batch_size"], cfg["data"].get("seq_len") or 1
+    if T <= probe_len:
+        return _saved_activation_bytes(cfg, model, B, T)
+    half = _saved_activation_bytes(cfg, model, B, probe_len // 2)
+    full = _saved_activation_bytes(cfg, model, B, probe_len)
+    return full + (full - half) * (T - probe_len) // (probe_len - probe_len // 2)
+
+
 def estimate_memory(cfg: dict, training: bool = True, probe_len: int = 256) -> dict:
     """A rough memory estimate of the config's model, built on the meta device (nothing allocated):
     parameters (x4 when training: weights, gradients, Adam's two moments; sharded over the devices by fsdp /
-    deepspeed), buffers, and when training the activations saved for backward (measured at ``probe_len`` tokens,
-    scaled linearly to the batch's length). Returns bytes: {"params", "buffers", "activations", "total",
-    "n_params"}."""
+    deepspeed), buffers, and when training the activations saved for backward (``_activation_bytes``).
+    Returns bytes: {"params", "buffers", "activations", "total", "n_params"}."""
     import torch
 
     from arch import build_model
@@ -105,9 +116,7 @@ def estimate_memory(cfg: dict, training: bool = True, probe_len: int = 256) -> d
         if any(s in str(tr["strategy"]) for s in ("fsdp", "deepspeed")) and isinstance(tr["devices"], int):
             params = params // max(tr["devices"], 1)
         params *= 4
-        T = cfg["data"].get("seq_len") or 1
-        probe = min(T, probe_len)
-        activations = _saved_activation_bytes(cfg, model, cfg["data"]["batch_size"], probe) * T // probe
+        activations = _activation_bytes(cfg, model, probe_len)
     return {
         "params": params,
         "buffers": buffers,
