@@ -267,7 +267,7 @@ def saved_config(target: str | os.PathLike) -> dict:
     ``load_trained(target, overrides)`` builds, so several override sets can be checked with one read."""
     if is_exported(target):
         try:
-            return {"model": read_config(target), "name": Path(target).name}
+            return {"model": read_config(target), "name": Path(target).resolve().name}
         except ValueError as e:  # a malformed config.yaml
             raise CheckpointError(str(e)) from None
     return _config_of(read_checkpoint(target), target)
@@ -295,12 +295,12 @@ def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "c
             load_weights(model, Path(target) / "model.safetensors", map_location)
         else:
             state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k[:6] == "model."}
-            problem = state_mismatch(model, {k: tuple(v.shape) for k, v in state.items()})
-            if problem:
-                raise CheckpointError(f"{target}: weights do not fit the model of its config: {problem}")
-            model.load_state_dict(state)
+            model.load_state_dict(state)  # (load hooks may fill in keys, e.g. weights loaded from another file)
     except ValueError as e:  # load_weights names the file and what is wrong
         raise CheckpointError(str(e)) from None
+    except RuntimeError as e:
+        problem = state_mismatch(model, {k: tuple(v.shape) for k, v in state.items()}) or str(e).splitlines()[0]
+        raise CheckpointError(f"{target}: weights do not fit the model of its config: {problem}") from None
     on_load(model, cfg)
     if report:
         report_load(saved, cfg, overrides, model)

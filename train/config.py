@@ -201,10 +201,6 @@ def _check_data(cfg: dict) -> None:
         data["seq_len"] = cfg["model"]["max_seq_len"]
     if task == "lm" and data["seq_len"] > cfg["model"]["max_seq_len"]:
         raise ConfigError(f"data.seq_len: {data['seq_len']} exceeds model.max_seq_len={cfg['model']['max_seq_len']}")
-    if task == "lm":
-        from .data import build_tokenizer
-
-        build_tokenizer(data["tokenizer"])  # a missing or malformed tokenizer file fails here
 
 
 def _check_optim(optim: dict) -> None:

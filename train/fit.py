@@ -129,13 +129,15 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     data, module, what = build_task(cfg)  # the data checked (tokenizer, text, lengths) before anything is written
     if init_model is not None:
         module.model.load_state_dict(init_model.state_dict())
-    run_dir, segment = start_run(cfg, ckpt_path, rank_zero_only.rank == 0)
+    run_dir, segment, set_aside = start_run(cfg, ckpt_path, rank_zero_only.rank == 0)
     if rank_zero_only.rank == 0:
         n_params = sum(p.numel() for p in module.model.parameters())
         print(f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {what}")
         print(f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)")
         if ckpt_path:
             print(f"  resuming from {ckpt_path}")
+        if set_aside:
+            print(f"  the run's later checkpoints (and export) moved to {set_aside}: resuming abandons them")
         if init_from:
             print(f"  weights initialised from {init_from} (fresh optimizer and schedule)")
         if replaced:
@@ -152,10 +154,10 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
         raise OSError(e.errno, e.strerror or str(e), e.filename or str(run_dir)) from None
 
 
-def start_run(cfg: dict, ckpt_path: Path | None, rank_zero: bool) -> tuple[Path, str]:
-    """(run directory, CSV log segment) of a run: a resume from a run's own checkpoint continues in that run
-    (its later checkpoints set aside, a new CSV segment), anything else gets a new run directory. Writes the
-    resolved config."""
+def start_run(cfg: dict, ckpt_path: Path | None, rank_zero: bool) -> tuple[Path, str, Path | None]:
+    """(run directory, CSV log segment, folder of the checkpoints set aside) of a run: a resume from a run's
+    own checkpoint continues in that run (its later checkpoints set aside, a new CSV segment), anything else gets
+    a new run directory. Writes the resolved config."""
     import time
 
     from omegaconf import OmegaConf
@@ -164,19 +166,17 @@ def start_run(cfg: dict, ckpt_path: Path | None, rank_zero: bool) -> tuple[Path,
 
     from .checkpoint import set_aside_later, step_of
 
-    segment = ""
+    segment, moved = "", None
     if ckpt_path is not None and in_run_dir(ckpt_path):
         run_dir = ckpt_path.parent.parent
         segment = f"from-step-{max(step_of(ckpt_path), 0):06d}-{time.strftime('%Y%m%d-%H%M%S')}"
         moved = set_aside_later(ckpt_path) if rank_zero and RUN_DIR_ENV not in os.environ else None
-        if moved is not None:
-            print(f"  later checkpoints of the run set aside (resuming from an older one): {moved}")
     else:
         run_dir = make_run_dir(cfg)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     if rank_zero:
         atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(OmegaConf.create(cfg), p))
-    return run_dir, segment
+    return run_dir, segment, moved
 
 
 def train_and_export(cfg: dict, trainer, module, data, ckpt_path: Path | None, run_dir: Path) -> dict:
