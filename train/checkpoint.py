@@ -57,11 +57,12 @@ def checkpoints_in(folder: str | os.PathLike) -> list[Path]:
 
 
 def _refusal(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a file holding pickled objects: it names the first one, and (unlike torch's message) does
+    not invite loading it with ``weights_only=False``, which would run whatever code it carries."""
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    what = f" ({found[1]})" if found else ""
     return CheckpointError(
-        f"{path}: refused: it holds pickled Python objects{what}, which checkpoints of this repo never contain, "
-        "and unpickling them could run code; it is not loaded"
+        f"{path}: refused: it holds pickled Python objects ({found[1]}), which checkpoints of this repo never "
+        "contain, and unpickling them could run code; it is not loaded"
     )
 
 
@@ -75,7 +76,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if re.search(r"Unsupported global: GLOBAL", str(e)):  # not corruption: a pickled object, refused
             raise _refusal(path, e) from None
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:

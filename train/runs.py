@@ -87,7 +87,7 @@ def _saved_activation_bytes(cfg: dict, model, batch: int, probe_len: int) -> int
 def _activation_bytes(cfg: dict, model, probe_len: int) -> int:
     """Saved activations of a training batch: measured at the batch's length up to ``probe_len`` tokens, and
     beyond it extrapolated along the line through the measurements at ``probe_len / 2`` and ``probe_len``
-    (weights saved for backward do not grow with the length)."""
+    (weights saved for backward are the same at every length)."""
     B, T = cfg["data"]["batch_size"], cfg["data"].get("seq_len") or 1
     if T <= probe_len:
         return _saved_activation_bytes(cfg, model, B, T)
