@@ -134,12 +134,21 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
+def fmt_count(n: float) -> str:
+    """3_280_000 -> '3.3M'."""
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
 def memory_line(cfg: dict, training: bool = True) -> tuple[str, bool]:
     """(a line stating the estimate against the available memory, whether it fits)."""
     est = estimate_memory(cfg, training)
     free, source = available_memory(device_for(cfg["trainer"]["accelerator"]))
     what = "training" if training else "loading"
-    parts = f"{fmt_bytes(est['params'])} for {est['n_params'] / 1e6:,.1f}M parameters" + (
+    parts = f"{fmt_bytes(est['params'])} for {fmt_count(est['n_params'])} parameters" + (
         " (weights, gradients, Adam moments)" if training else ""
     )
     parts += f", {fmt_bytes(est['buffers'])} of buffers"
