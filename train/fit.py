@@ -131,13 +131,7 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
         module.model.load_state_dict(init_model.state_dict())
     run_dir, segment, set_aside = start_run(cfg, ckpt_path, rank_zero_only.rank == 0)
     if rank_zero_only.rank == 0:
-        n_params = sum(p.numel() for p in module.model.parameters())
-        print(f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {what}")
-        print(f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)")
-        if ckpt_path:
-            print(f"  resuming from {ckpt_path}")
-        if set_aside:
-            print(f"  the run's later checkpoints (and export) moved to {set_aside}: resuming abandons them")
+        print(start_lines(cfg, module.model, what, run_dir, ckpt_path, set_aside))
         if init_from:
             print(f"  weights initialised from {init_from} (fresh optimizer and schedule)")
         if replaced:
@@ -177,6 +171,19 @@ def start_run(cfg: dict, ckpt_path: Path | None, rank_zero: bool) -> tuple[Path,
     if rank_zero:
         atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(OmegaConf.create(cfg), p))
     return run_dir, segment, moved
+
+
+def start_lines(cfg: dict, model, what: str, run_dir: Path, ckpt_path: Path | None, set_aside: Path | None) -> str:
+    """What ``fit`` prints as a run starts: the model and data, the run directory, and on a resume the checkpoint
+    it continues from and where the abandoned later checkpoints went."""
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {what}"]
+    lines.append(f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)")
+    if ckpt_path:
+        lines.append(f"  resuming from {ckpt_path}")
+    if set_aside:
+        lines.append(f"  the run's later checkpoints (and export) moved to {set_aside}: resuming abandons them")
+    return "\n".join(lines)
 
 
 def train_and_export(cfg: dict, trainer, module, data, ckpt_path: Path | None, run_dir: Path) -> dict:
