@@ -333,6 +333,21 @@ def test_a_read_only_cache_folder_is_one_error_line(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_read_only_output_folder_is_one_error_line(tmp_path, capsys, monkeypatch):
+    real = os.mkdir
+
+    def mkdir(path, *a, **kw):  # what a read-only mount does (root ignores permission bits, so they cannot)
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    args = ["fit", TINY, *micro_overrides(tmp_path, tmp_path / "cache"), text_source(tmp_path)]
+    code, lines, err = fit_error([*args, f"trainer.out_dir={tmp_path / 'ro' / 'runs'}"], capsys)
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err
+    assert str(tmp_path / "ro") in lines[0] and "Read-only file system" in lines[0], lines[0]
+
+
 class FullDisk(io.RawIOBase):
     """A file on a disk that fills up after ``room`` bytes: a write past it fails with ENOSPC, as write(2) does."""
 
@@ -583,3 +598,14 @@ def test_config_error_is_instant_without_lightning():
     )
     assert r.returncode == 2 and "optim.lr" in r.stderr
     assert "lightning" not in "".join(x for x in r.stderr.splitlines() if x.startswith("import time"))
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def test_every_case_of_the_before_after_table_has_a_test():
+    """tests/train/reliability_cases.py runs the issue's cases as a user would; each row names its test here."""
+    from tests.train import reliability_cases
+
+    cases = {n.removeprefix("case_") for n in dir(reliability_cases) if n.startswith("case_")}
+    assert cases == set(reliability_cases.TESTS)
+    named = {t for tests in reliability_cases.TESTS.values() for t in tests.split(", ")}
+    assert named <= {n for n, f in globals().items() if n.startswith("test_") and callable(f)}, named - set(globals())
