@@ -2,7 +2,7 @@
 before/after table of the closing note. Each case has a test in tests/train/test_reliability.py (``TESTS``).
 
     python -m tests.train.reliability_cases run TREE OUT.jsonl [CASE ...]   # one JSON line per case
-    python -m tests.train.reliability_cases table BEFORE.jsonl AFTER.jsonl  # the markdown table
+    python -m tests.train.reliability_cases table BEFORE.jsonl[,...] AFTER.jsonl[,...]  # the markdown table
 
 ``run`` starts ``python -m train`` in TREE (its own packages first on PYTHONPATH) with micro runs of
 configs/lm/gpt-tiny.yaml; the read-only and full-disk cases mount small tmpfs folders (root only). Several
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -625,39 +626,73 @@ def telling_line(r: dict) -> str:
     return " / ".join(first) if isinstance(first, list) else first
 
 
-def cell(r: dict | None, work: str) -> str:
-    """rc, the telling line and the facts of one case, for one markdown cell (paths under the work folder: W/)."""
+def cell(r: dict | None) -> str:
+    """rc, the telling line and the facts of one case, for one markdown cell."""
     if r is None:
         return "(not run)"
     facts = "; ".join(f"{k}={r[k]}" for k in FACTS if k in r)
-    rc = r.get("rc")
-    text = f"**{rc}** `{telling_line(r)[:220]}`" + (f" — {facts}" if facts else "")
+    text = f"**{r.get('rc')}** `{telling_line(r)[:220]}`" + (f" — {facts}" if facts else "")
     if r.get("case") == "help_time":
         text += f" ({r.get('seconds')} s)"
-    return text.replace(work, "W").replace("|", "\\|").replace("\n", " ")
+    return text
 
 
-def load(path: str) -> dict[str, dict]:
-    """Case -> its last record in a JSON-lines file."""
-    with open(path) as f:
-        return {r["case"]: r for r in map(json.loads, f) if "case" in r}
+EARLIER = {  # the commands of cases whose records predate the "cmd" field (same functions, same micro run)
+    "concurrent": "2x (at once) python -m train fit configs/lm/gpt-tiny.yaml MICRO",
+    "nan_fit": "python -m train fit configs/lm/gpt-tiny.yaml MICRO optim.lr=1e+30 optim.warmup_steps=0 "
+    "optim.grad_clip=0 trainer.ckpt_every=1",
+    "nan_eval": "python -m train eval <the newest checkpoint nan_fit kept> data.batch_size=1024",
+    "sigterm": "python -m train fit configs/lm/gpt-tiny.yaml MICRO trainer.max_steps=100000 trainer.val_every=1000 "
+    "trainer.ckpt_every=1000  # then kill -SIGTERM",
+    "sigint": "python -m train fit configs/lm/gpt-tiny.yaml MICRO trainer.max_steps=100000 trainer.val_every=1000 "
+    "trainer.ckpt_every=1000  # then kill -SIGINT",
+}
+
+
+def shorten(text: str, folder: Path) -> str:
+    """A table cell's text with the runs' work folders (``<folder>/*-work``) written W, the interpreter python,
+    and the micro run's overrides (tests/conftest.py: micro_overrides) left at their defaults written MICRO."""
+    text = re.sub(re.escape(str(folder)) + r"/[\w.-]+-work", "W", text).replace(sys.executable, "python")
+    text = re.sub(r" trainer\.out_dir=W/[\w.-]+/runs(?= |$)", "", text)
+    text = text.replace(f" data.cache_dir={folder / 'cache'}", "")
+    defaults = [o for o in micro_overrides(Path("."), Path(".")) if "_dir=" not in o]
+    if all(o in text for o in defaults[:3]):
+        text = text.replace(" " + defaults[0], " MICRO", 1)
+        for o in defaults[1:]:
+            text = re.sub(" " + re.escape(o) + "(?= |$)", "", text)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def load(paths: str) -> dict[str, dict]:
+    """Case -> its record in comma-separated JSON-lines files (a later record replaces an earlier one, unless
+    the later one did not run)."""
+    records = {}
+    for path in paths.split(","):
+        with open(path) as f:
+            for r in map(json.loads, f):
+                if "driver_error" not in r or r["case"] not in records:
+                    records[r["case"]] = r
+    return records
 
 
 def table(before_path: str, after_path: str) -> str:
+    """The markdown table of the closing note: per case its command, before and after, and its test."""
     before, after = load(before_path), load(after_path)
-    lines = ["| case | command | before: exit, line | after: exit, line | test |", "|---|---|---|---|---|"]
+    lines = [
+        "MICRO: the micro run of tests/conftest.py (d_model 32, 2 layers, T 32, batch 4, 6 steps, checkpoints and "
+        "validation every 3); W: the work folder of the run",
+        "",
+        "| case | command | before: exit, line | after: exit, line | test |",
+        "|---|---|---|---|---|",
+    ]
     for case in [c for c in TESTS if c in before or c in after]:
         b, a = before.get(case), after.get(case)
-        cmd = next((r["cmd"] for r in (a, b) if r and "cmd" in r), "")
-        cmd = cmd.replace(str(Path(after_path).parent), "W").replace(str(Path(before_path).parent), "W")
-        work_b, work_a = (
-            str(Path(before_path).with_suffix("")) + "-work",
-            str(Path(after_path).with_suffix("")) + "-work",
-        )
-        lines.append(
-            f"| {case} | `{cmd.replace(sys.executable, 'python')[:300]}` | {cell(b, work_b)} | {cell(a, work_a)} "
-            f"| {TESTS[case]} |"
-        )
+        cmd = next((r["cmd"] for r in (a, b) if r and "cmd" in r), EARLIER.get(case, ""))
+        row = [case, f"`{cmd}`", cell(b), cell(a), TESTS[case]]
+        folders = {Path(p).resolve().parent for p in f"{before_path},{after_path}".split(",")}
+        for folder in folders:
+            row = [shorten(x, folder) for x in row]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
