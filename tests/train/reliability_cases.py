@@ -680,7 +680,8 @@ def table(before_path: str, after_path: str) -> str:
     before, after = load(before_path), load(after_path)
     lines = [
         "MICRO: the micro run of tests/conftest.py (d_model 32, 2 layers, T 32, batch 4, 6 steps, checkpoints and "
-        "validation every 3); W: the work folder of the run",
+        "validation every 3); W: the work folder of the run; line: the `error:` line, else a failure's last line "
+        "(a traceback's exception), else the first warning, else the first line printed; then what the case found",
         "",
         "| case | command | before: exit, line | after: exit, line | test |",
         "|---|---|---|---|---|",
