@@ -637,7 +637,8 @@ def cell(r: dict | None) -> str:
     return text
 
 
-EARLIER = {  # the commands of cases whose records predate the "cmd" field (same functions, same micro run)
+COMMANDS = {  # the commands shown for records older than the "cmd" field (same functions) and for scripts
+    "step_million": "python -c 'print(latest_checkpoint(<a folder holding step-999999.ckpt and step-1000000.ckpt>))'",
     "concurrent": "2x (at once) python -m train fit configs/lm/gpt-tiny.yaml MICRO",
     "nan_fit": "python -m train fit configs/lm/gpt-tiny.yaml MICRO optim.lr=1e+30 optim.warmup_steps=0 "
     "optim.grad_clip=0 trainer.ckpt_every=1",
@@ -653,13 +654,13 @@ def shorten(text: str, folder: Path) -> str:
     """A table cell's text with the runs' work folders (``<folder>/*-work``) written W, the interpreter python,
     and the micro run's overrides (tests/conftest.py: micro_overrides) left at their defaults written MICRO."""
     text = re.sub(re.escape(str(folder)) + r"/[\w.-]+-work", "W", text).replace(sys.executable, "python")
-    text = re.sub(r" trainer\.out_dir=W/[\w.-]+/runs(?= |$)", "", text)
+    text = re.sub(r" trainer\.out_dir=W/[\w.-]+/runs(?=[ `]|$)", "", text)
     text = text.replace(f" data.cache_dir={folder / 'cache'}", "")
     defaults = [o for o in micro_overrides(Path("."), Path(".")) if "_dir=" not in o]
     if all(o in text for o in defaults[:3]):
         text = text.replace(" " + defaults[0], " MICRO", 1)
         for o in defaults[1:]:
-            text = re.sub(" " + re.escape(o) + "(?= |$)", "", text)
+            text = re.sub(" " + re.escape(o) + "(?=[ `]|$)", "", text)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -688,7 +689,7 @@ def table(before_path: str, after_path: str) -> str:
     ]
     for case in [c for c in TESTS if c in before or c in after]:
         b, a = before.get(case), after.get(case)
-        cmd = next((r["cmd"] for r in (a, b) if r and "cmd" in r), EARLIER.get(case, ""))
+        cmd = COMMANDS.get(case) or next((r["cmd"] for r in (a, b) if r and "cmd" in r), "")
         row = [case, f"`{cmd}`", cell(b), cell(a), TESTS[case]]
         folders = {Path(p).resolve().parent for p in f"{before_path},{after_path}".split(",")}
         for folder in folders:
