@@ -610,7 +610,7 @@ FACTS = (  # what a case observed beyond its exit code and line
 
 def telling_line(r: dict) -> str:
     """The line that tells what happened: the ``error:`` line, else a failure's last line (a traceback's
-    exception), else the first warning, else the first line printed."""
+    exception), else the first line printed."""
     if "driver_error" in r:
         return f"(not run: {r['driver_error'][:120]})"
     if "last_lines" in r:
@@ -620,8 +620,6 @@ def telling_line(r: dict) -> str:
     rc = r.get("rc")
     if rc not in (0, None) and not isinstance(rc, list):
         return r.get("stderr_last", "")
-    if r.get("warning_lines"):
-        return r["warning_lines"][0]
     first = r.get("stdout1", "")
     return " / ".join(first) if isinstance(first, list) else first
 
@@ -631,6 +629,8 @@ def cell(r: dict | None) -> str:
     if r is None:
         return "(not run)"
     facts = "; ".join(f"{k}={r[k]}" for k in FACTS if k in r)
+    if r.get("rc") == 0 and r.get("warning_lines"):
+        facts = "; ".join(x for x in (f"then `{r['warning_lines'][0][:200]}`", facts) if x)
     text = f"**{r.get('rc')}** `{telling_line(r)[:220]}`" + (f" — {facts}" if facts else "")
     if r.get("case") == "help_time":
         text += f" ({r.get('seconds')} s)"
@@ -682,7 +682,7 @@ def table(before_path: str, after_path: str) -> str:
     lines = [
         "MICRO: the micro run of tests/conftest.py (d_model 32, 2 layers, T 32, batch 4, 6 steps, checkpoints and "
         "validation every 3); W: the work folder of the run; line: the `error:` line, else a failure's last line "
-        "(a traceback's exception), else the first warning, else the first line printed; then what the case found",
+        "(a traceback's exception), else the first line printed; then the first warning and what the case found",
         "",
         "| case | command | before: exit, line | after: exit, line | test |",
         "|---|---|---|---|---|",
