@@ -6,8 +6,14 @@ it may attend to; the token-level attention over that selection is ``kernels.blo
 block-sparse routine, which never materialises the top-k-fold copy of K and V that the released code gathers.
 
 * ``BiLevelRoutingAttention`` (2-D): ``[B, H, W, C] -> [B, H, W, C]``, faithful to the released code
-  (rayleizhu/BiFormer, ops/bra_legacy.py) except that keys added by padding are masked (the original attends
-  to them) and region means are taken over real tokens only.
+  (rayleizhu/BiFormer, ops/bra_legacy.py) on maps divisible by ``n_win``. Departure on other maps (the released
+  classification model asserts divisibility; with ``auto_pad``, its segmentation setting, it pads the normed map
+  with zeros before the qkv projection, so padded tokens carry the qkv bias, enter the region means and the
+  LCE, and are attended): here padded keys are masked, region means are taken over real tokens only, the LCE
+  sees a zero border, and regions made only of padding are never routed (their mean would be 0/0, and a NaN
+  score ranks first in ``topk``), so no query spends its top-k on them.
+* ``AttentionLePE`` (2-D): stage 4 of the released BiFormer-T/S/B (models/_common.py): full attention, 8 heads,
+  no qkv bias, scale head_dim**-0.5, LePE = depthwise 5×5 conv on the attention input x (not on V).
 * ``CausalBRA`` (1-D, ``mixer: {type: bra}``): our causal adaptation for LMs (no public precedent).
 """
 
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_sparse import block_sparse_attention
+from kernels.block_sparse.api import Impl
 
 from .attention import CausalSelfAttention
 from .config import LayerContext
@@ -34,14 +41,17 @@ def is_all(topk: TopK) -> bool:
 
 
 class BiLevelRoutingAttention(nn.Module):
-    """2-D BRA. The image is split into ``n_win``×``n_win`` regions; region-level q and k are the means of the
-    *detached* per-token q and k over each region, across all channels (one routing for all heads); each query
-    region keeps the ``topk`` key regions of highest ``q_r · k_rᵀ`` and its tokens attend to the tokens of
-    those regions. LCE (local context enhancement) = depthwise ``lce_kernel``² conv on V, added before the
-    output projection. ``topk: all`` (or -1) is full attention (+LCE) over the whole image.
+    """2-D BRA (BiFormer Sec. 3.2, Eq. 3-6). The image is split into ``n_win``×``n_win`` regions; region-level
+    q and k are the means of the *detached* per-token q and k over each region, across all channels (one routing
+    for all heads); each query region keeps the ``topk`` key regions of highest ``q_r · k_rᵀ`` (Eq. 4-5) and its
+    tokens attend to the tokens of those regions (Eq. 6). LCE (local context enhancement) = depthwise
+    ``lce_kernel``² conv, added before the output projection: on V (``lce_input: v``, BRA in the released code)
+    or on the attention input x (``x``, the released ``AttentionLePE``). ``topk: all`` (or -1) is full
+    attention (+LCE) over the whole image.
 
     ``scale``: ``head_dim`` -> head_dim**-0.5 (standard); ``dim`` -> dim**-0.5, the released code's value.
-    Sizes not divisible by ``n_win`` are padded at the bottom/right, and the padded keys are masked.
+    Sizes not divisible by ``n_win`` are padded at the bottom/right; padded keys are masked and regions holding
+    no real token are never routed (see the module docstring).
     """
 
     def __init__(
@@ -53,23 +63,29 @@ class BiLevelRoutingAttention(nn.Module):
         head_dim: int = 32,
         scale: Literal["head_dim", "dim"] = "head_dim",
         lce_kernel: int = 5,
+        lce_input: Literal["v", "x"] = "v",
+        qkv_bias: bool = True,
+        impl: Impl = "auto",
     ):
         super().__init__()
+        self.impl = impl  # kernels.block_sparse implementation
         if dim % head_dim:
             raise ConfigError(f"head_dim: {head_dim} does not divide the width {dim}")
         if not is_all(topk) and not 1 <= topk <= n_win**2:
             raise ConfigError(f"topk: {topk} must be in 1..n_win²={n_win**2}, or 'all' / -1 for full attention")
-        self.dim, self.n_win, self.topk = dim, n_win, topk
+        if lce_input not in ("v", "x"):
+            raise ConfigError(f"lce_input: {lce_input!r} is not allowed; allowed values: 'v', 'x'")
+        self.dim, self.n_win, self.topk, self.lce_input = dim, n_win, topk, lce_input
         self.n_heads, self.head_dim = dim // head_dim, head_dim
         self.scale = head_dim**-0.5 if scale == "head_dim" else dim**-0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.lce = nn.Conv2d(dim, dim, lce_kernel, padding=lce_kernel // 2, groups=dim)
         self.wo = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape  # [B, H, W, C]
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each [B, H, W, C]
-        lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        lce = self.lce((v if self.lce_input == "v" else x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H, W, C]
         n = 1 if is_all(self.topk) else self.n_win  # full attention = one region holding every token
         rh, rw = math.ceil(H / n), math.ceil(W / n)  # region size
 
@@ -82,16 +98,47 @@ class BiLevelRoutingAttention(nn.Module):
         if n == 1:
             sel = torch.zeros(B, 1, 1, 1, dtype=torch.long, device=x.device)
         else:
-            cnt = real.view(B, n * n, rh * rw, 1).sum(2)  # [B, n², 1] real tokens per region
-            q_win = qr.detach().view(B, n * n, rh * rw, C).sum(2) / cnt  # [B, n², C] region means
-            k_win = kr.detach().view(B, n * n, rh * rw, C).sum(2) / cnt
-            sel = (q_win @ k_win.transpose(1, 2)).topk(self.topk, dim=-1).indices[:, None]  # [B, 1, n², topk]
+            sel = route_regions(qr.detach(), kr.detach(), real, n * n, self.topk)[:, None]  # [B, 1, n², topk]
         heads = lambda t: t.view(B, -1, self.n_heads, self.head_dim)  # noqa: E731  [B, T, h, hd]
         out = block_sparse_attention(
-            heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw, key_mask=real, scale=self.scale
+            heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw, key_mask=real, scale=self.scale, impl=self.impl
         )  # [B, T, h, hd]
         out = out.reshape(B, n, n, rh, rw, C).transpose(2, 3).reshape(B, n * rh, n * rw, C)[:, :H, :W]
         return self.wo(out + lce)
+
+
+def route_regions(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, n_regions: int, topk: int) -> torch.Tensor:
+    """Region-to-region routing (BiFormer Eq. 4-5): q, k [B, T, C] region-major (T = n_regions equal regions),
+    real [B, T] (False = padding) -> the ``topk`` key regions of each query region [B, n_regions, topk], -1 for
+    slots left over when fewer than ``topk`` regions hold a real token. Region q/k = mean over the region's
+    real tokens; a region holding none is never routed to."""
+    B, T, C = q.shape
+    cnt = real.view(B, n_regions, -1).sum(2)  # [B, n²] real tokens per region
+    q_win = q.view(B, n_regions, -1, C).sum(2) / cnt.clamp_min(1)[..., None]  # [B, n², C] (padding is zero)
+    k_win = k.view(B, n_regions, -1, C).sum(2) / cnt.clamp_min(1)[..., None]
+    a = (q_win @ k_win.transpose(1, 2)).masked_fill(cnt[:, None, :] == 0, float("-inf"))  # [B, n², n²]
+    top = a.topk(topk, dim=-1)
+    return torch.where(top.values > float("-inf"), top.indices, -1)
+
+
+class AttentionLePE(BiLevelRoutingAttention):
+    """Stage 4 of the released BiFormer-T/S/B (models/_common.py ``AttentionLePE``): full multi-head attention
+    with ``n_heads`` heads (8 in every released model), qkv projection without bias, scale head_dim**-0.5, and
+    LePE (locally-enhanced positional encoding) = depthwise ``lepe_kernel``² conv on the attention input x,
+    added before the output projection. It is ``BiLevelRoutingAttention`` with one region."""
+
+    def __init__(self, dim: int, *, n_heads: int = 8, lepe_kernel: int = 5):
+        if n_heads < 1 or dim % n_heads:
+            raise ConfigError(f"n_heads: {n_heads} must divide the width {dim}")
+        super().__init__(
+            dim,
+            topk="all",
+            head_dim=dim // n_heads,
+            scale="head_dim",
+            lce_kernel=lepe_kernel,
+            lce_input="x",
+            qkv_bias=False,
+        )
 
 
 def causal_routing(
@@ -129,7 +176,9 @@ def causal_routing(
     # slots = the largest union (on the meta device, used only for FLOP counting: its upper bound)
     S = int(used.sum(-1).max()) if q.device.type != "meta" else min(nR, query_block * k_sel + 2)
     count, idx = used.to(torch.int8).topk(S, dim=-1)  # [B, nQ, S]
-    kv_blocks = torch.where(count > 0, idx, -1)
+    # ascending, unused slots last: the core then sums the softmax in position order, as dense attention does
+    kv_blocks = torch.where(count > 0, idx, nR).sort(dim=-1).values
+    kv_blocks = kv_blocks.masked_fill(kv_blocks == nR, -1)
     slot_of = kv_blocks.clamp_min(0).repeat_interleave(query_block, dim=1)[:, :T]  # [B, T, S]
     token_mask = seen.gather(2, slot_of) & (kv_blocks >= 0).repeat_interleave(query_block, dim=1)[:, :T]
     return kv_blocks[:, None], token_mask[:, None]
@@ -153,8 +202,10 @@ class CausalBRA(CausalSelfAttention):
         topk: TopK = 4,
         attend_first: bool = False,
         query_block: Optional[int] = None,
+        impl: Impl = "auto",
     ):
         super().__init__(ctx)
+        self.impl = impl  # kernels.block_sparse implementation
         query_block = query_block or region_size
         if region_size < 1 or region_size % query_block:
             raise ConfigError(f"mixer.query_block: {query_block} must divide mixer.region_size={region_size}")
@@ -173,6 +224,7 @@ class CausalBRA(CausalSelfAttention):
             q_block_size=self.query_block,
             causal=True,
             token_mask=token_mask,
+            impl=self.impl,
         )
 
     def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:

@@ -26,14 +26,23 @@ Query modes (``mode``):
   (a boundary at p depends on keys up to p + ``lookahead``); the tokens after the last closed chunk are forced
   like the recent ones. This is what makes decoding (``attend_step``) possible: chunk summaries are extended as
   boundaries are decided, one chunk at a time, and each new query block selects over the chunks built so far.
-* ``prefill`` (inference only, as in the authors' code): every chunk is a candidate and a query block's
-  representation is the mean over its positions of their chunks' Q_c, which averages over later positions.
+* ``prefill`` (inference only, as the authors' code runs it): every chunk is a candidate, and the query block's
+  representation (``query_rep``) is, by default (``block``), √n · the mean of the block's own n queries: the
+  released code's (legacy/utils/helper.py, ``avgpool_norm``). ``chunks``: the mean over the block's positions
+  of their chunks' Q_c, our reading of the paper's text (Q_c per chunk, upsampled); both see later positions.
+
+Boundary predictor (``chunker: learned``): ``predictor_residual: false`` is the released LayerNorm(attn(x)),
+true (default) our LayerNorm(x + attn(x)); ``shared_predictor`` loads one predictor for every layer (the
+authors train one on all layers' keys); ``share_boundaries`` chunks once, in the first DHSA layer of a forward,
+and every later DHSA layer reuses those chunks (the authors chunk layer 0's keys and share them).
 
 Departures from the authors' code (PAPERS.md): non-maximum suppression keeps local maxima within the radius
 instead of greedy suppression in score order (greedy decisions chain arbitrarily far into the future, local ones
 are decided ``nms_radius`` positions later), and chunk length is capped by ``max_chunk`` instead of the
-chunk count by (L // block) · 8 (NMS already spaces boundaries by more than ``nms_radius``); each DHSA layer
-chunks its own keys (the paper shares the chunks of layer 0); the last 64 query positions are not made dense.
+chunk count by (L // block) · 8 (NMS already spaces boundaries by more than ``nms_radius``); by default each DHSA
+layer chunks its own keys with its own predictor; the budget counts the keys before the block, the n_init
+initial tokens are forced on top of the scored ones (the released code splices them over the earliest selected
+slots), ties inside a chunk go to its most recent tokens; the last 64 query positions are not made dense.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_sparse import block_sparse_attention
+from kernels.block_sparse.api import Impl
 
 from .attention import CausalSelfAttention, Tap, attend_keys
 from .config import LayerContext
@@ -68,13 +78,16 @@ def key_windows(k: torch.Tensor, window: int, p0: int, p1: int) -> torch.Tensor:
 
 
 class BoundaryPredictor(nn.Module):
-    """The paper's boundary predictor (authors' code): multi-head attention over the 2w keys around a candidate
-    boundary p, then LayerNorm; the two halves are mean-pooled into l and r; features
-    [l, r, |l − r|, l ⊙ r, cos(l, r)] -> Linear -> ReLU -> Linear -> boundary logit."""
+    """The paper's boundary predictor (authors' code, legacy/boundary_predictor/models.py
+    ``BoundarySimilarityAttn``): multi-head attention over the 2w keys around a candidate boundary p, then
+    LayerNorm, of attn(x) (``residual=False``, the released choice) or of x + attn(x) (``residual=True``); the two
+    halves are mean-pooled into l and r; features [l, r, |l − r|, l ⊙ r, cos(l, r)] -> Linear -> ReLU -> Linear
+    -> boundary logit. Our logit at p (a chunk starts at p, keys p−w .. p+w−1) is the released logit at p − 1
+    (the gap after p − 1)."""
 
-    def __init__(self, dim: int, n_heads: int, window: int = 4, hidden: int = 256):
+    def __init__(self, dim: int, n_heads: int, window: int = 4, hidden: int = 256, residual: bool = True):
         super().__init__()
-        self.dim, self.n_heads, self.window, self.hidden = dim, n_heads, window, hidden
+        self.dim, self.n_heads, self.window, self.hidden, self.residual = dim, n_heads, window, hidden, residual
         self.attn = nn.MultiheadAttention(dim, n_heads, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(4 * dim + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -86,7 +99,8 @@ class BoundaryPredictor(nn.Module):
         out = []
         for a in range(p0, p1, span):  # bounded memory: 2w copies of `span` keys at a time
             x = key_windows(k.to(self.norm.weight.dtype), self.window, a, min(a + span, p1)).flatten(0, 1)
-            h = self.norm(x + self.attn(x, x, x, need_weights=False)[0])  # [n, 2w, dim]
+            a = self.attn(x, x, x, need_weights=False)[0]  # [n, 2w, dim]
+            h = self.norm(x + a if self.residual else a)
             l, r = h[:, : self.window].mean(1), h[:, self.window :].mean(1)  # noqa: E741
             feats = torch.cat([l, r, (l - r).abs(), l * r, F.cosine_similarity(l, r, dim=-1)[:, None]], dim=-1)
             out.append(self.mlp(feats).view(B, -1))
@@ -220,6 +234,31 @@ def selected_keys(
     return torch.where(val > 0, idx, -1)
 
 
+def check_options(o: dict) -> None:
+    """ConfigError for DHSA options (``o``: the keyword arguments) out of range or without effect."""
+    for name, least in (
+        ("budget", 1),
+        ("query_block", 1),
+        ("n_init", 0),
+        ("n_recent", 0),
+        ("chunk_size", 1),
+        ("max_chunk", 1),
+        ("window", 1),
+        ("nms_radius", 0),
+        ("predictor_hidden", 1),
+    ):
+        if o[name] < least:
+            raise ConfigError(f"mixer.{name}: must be >= {least}, got {o[name]}")
+    for name, default in (("predictor", None), ("predictor_residual", True), ("shared_predictor", False)):
+        if o[name] != default and o["chunker"] != "learned":
+            raise ConfigError(f"mixer.{name} is only used by chunker 'learned', not {o['chunker']!r}")
+    if o["query_rep"] == "chunks" and o["mode"] == "causal":
+        raise ConfigError(
+            "mixer.query_rep: 'chunks' averages over later positions; it needs mode 'prefill' (inference only), "
+            "mode 'causal' takes 'block'"
+        )
+
+
 @MIXERS.register("dhsa")
 class DHSA(CausalSelfAttention):
     """Dynamic hierarchical sparse attention (see the module docstring). Same projections and RoPE as the dense
@@ -231,6 +270,8 @@ class DHSA(CausalSelfAttention):
     a file written by ``python -m train dhsa-boundaries``, or from the checkpoint) or ``fixed`` (``chunk_size`` tokens).
     threshold: boundary score threshold (default: 1.1 on the learned logit as in the authors' code; −inf for
     ``similarity``, whose boundaries are the local maxima). mode: ``causal`` or ``prefill`` (inference only).
+    query_rep (prefill): ``block`` (released code) or ``chunks``. predictor_residual, shared_predictor,
+    share_boundaries: see the module docstring (false, true, true are the authors' choices).
     """
 
     def __init__(
@@ -240,6 +281,7 @@ class DHSA(CausalSelfAttention):
         budget: int = 2048,
         chunker: Chunker = "similarity",
         mode: Mode = "causal",
+        query_rep: Literal["block", "chunks"] = "block",
         query_block: int = 64,
         n_init: int = 128,
         n_recent: int = 128,
@@ -250,25 +292,17 @@ class DHSA(CausalSelfAttention):
         threshold: Optional[float] = None,
         predictor: Optional[str] = None,
         predictor_hidden: int = 256,
+        predictor_residual: bool = True,
+        shared_predictor: bool = False,
+        share_boundaries: bool = False,
+        impl: Impl = "auto",
     ):
         super().__init__(ctx)
+        self.impl = impl  # kernels.block_sparse implementation
         self.selection_tap = Tap()  # hooks read (q, k, selection) here
-        for name, value, least in (
-            ("budget", budget, 1),
-            ("query_block", query_block, 1),
-            ("n_init", n_init, 0),
-            ("n_recent", n_recent, 0),
-            ("chunk_size", chunk_size, 1),
-            ("max_chunk", max_chunk, 1),
-            ("window", window, 1),
-            ("nms_radius", nms_radius, 0),
-            ("predictor_hidden", predictor_hidden, 1),
-        ):
-            if value < least:
-                raise ConfigError(f"mixer.{name}: must be >= {least}, got {value}")
-        if predictor is not None and chunker != "learned":
-            raise ConfigError(f"mixer.predictor is only used by chunker 'learned', not {chunker!r}")
+        check_options(dict(locals()))
         self.budget, self.chunker, self.mode, self.query_block = budget, chunker, mode, query_block
+        self.query_rep, self.share_boundaries, self.shared = query_rep, share_boundaries, ctx.shared
         self.n_init, self.n_recent, self.chunk_size, self.max_chunk = n_init, n_recent, chunk_size, max_chunk
         self.window, self.nms_radius = window, nms_radius
         default = {"learned": LEARNED_THRESHOLD, "similarity": float("-inf"), "fixed": None}[chunker]
@@ -277,9 +311,9 @@ class DHSA(CausalSelfAttention):
         self.lookahead = 0 if chunker == "fixed" else nms_radius + window - 1
         if chunker == "learned":
             kv_dim = ctx.n_kv_heads * ctx.head_dim
-            self.boundary = BoundaryPredictor(kv_dim, ctx.n_kv_heads, window, predictor_hidden)
+            self.boundary = BoundaryPredictor(kv_dim, ctx.n_kv_heads, window, predictor_hidden, predictor_residual)
             if predictor is not None:
-                load_predictor(self.boundary, predictor, ctx.layer_idx)
+                load_predictor(self.boundary, predictor, None if shared_predictor else ctx.layer_idx)
             # a dense checkpoint has no predictor weights: keep the ones loaded here
             self._register_load_state_dict_pre_hook(self._keep_predictor)
 
@@ -302,12 +336,30 @@ class DHSA(CausalSelfAttention):
             return (pos % self.chunk_size == 0).expand(B, T)
         return nms_starts(self.boundary_scores(k), self.threshold, self.nms_radius, self.max_chunk)
 
+    def layer_chunk_starts(self, k: torch.Tensor) -> torch.Tensor:
+        """This layer's chunk starts [B, T]; with ``share_boundaries``, inside a model forward, those of the first
+        DHSA layer that ran in it (computed from its keys, as the authors chunk layer 0's keys once)."""
+        if not (self.share_boundaries and self.shared.get("forward")):
+            return self.chunk_starts(k)
+        if "dhsa_starts" not in self.shared:
+            self.shared["dhsa_starts"] = (self.chunk_starts(k), self.lookahead)
+        starts, lookahead = self.shared["dhsa_starts"]
+        if lookahead != self.lookahead or starts.shape != k.shape[:2]:
+            raise ValueError(
+                f"mixer.share_boundaries: the shared chunks (lookahead {lookahead}, shape {list(starts.shape)}) do "
+                f"not fit this layer (lookahead {self.lookahead}, keys {list(k.shape[:2])}); give every DHSA layer "
+                "that shares boundaries the same window, nms_radius and chunker"
+            )
+        return starts
+
     # ---- full sequence --------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.mode == "prefill" and self.training:
             raise RuntimeError("mixer.mode 'prefill' is inference-only (it is not causal); train with mode 'causal'")
         _, _, kv = self.selection_tap(q, k, self.select(q, k))  # kv [B, nb, S]
-        return block_sparse_attention(q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True)
+        return block_sparse_attention(
+            q, k, v, kv[:, None], block_size=1, q_block_size=self.query_block, causal=True, impl=self.impl
+        )
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -317,13 +369,15 @@ class DHSA(CausalSelfAttention):
         nb = math.ceil(T / qb)
         if q.device.type == "meta":  # FLOP counting: the budgeted shape (a selection needs data)
             return torch.zeros(B, nb, min(T, self.budget + qb), dtype=torch.long, device=q.device)
-        cid, c_start, c_end = chunk_table(self.chunk_starts(k.flatten(2)))
+        cid, c_start, c_end = chunk_table(self.layer_chunk_starts(k.flatten(2)))
         krep = chunk_reps(prefix_sums(k.float().mean(2)), c_start, c_end)  # [B, nC, hd] K_c
         Pq = prefix_sums(q.float().mean(2))  # [B, T+1, hd]
         i0 = torch.arange(nb, device=q.device) * qb
         i1 = i0 + qb  # not clamped to T: the budget of a block never depends on where the sequence ends
         if self.mode == "causal":  # the query_block queries ending at i0
             qrep = chunk_reps(Pq, (i0 + 1 - qb).clamp_min(0).expand(B, nb), (i0 + 1).expand(B, nb))
+        elif self.query_rep == "block":  # the block's own queries (released code)
+            qrep = chunk_reps(Pq, i0.expand(B, nb), i1.clamp_max(T).expand(B, nb))
         else:  # mean over the block of its positions' chunk representations Q_c
             qc = chunk_reps(Pq, c_start, c_end).gather(1, cid[..., None].expand(B, T, Pq.shape[-1]))  # [B, T, hd]
             qrep = F.pad(qc, (0, 0, 0, nb * qb - T)).view(B, nb, qb, -1).sum(2) / (i1.clamp_max(T) - i0)[None, :, None]
@@ -354,6 +408,8 @@ class DHSA(CausalSelfAttention):
         start of every query block the block's selection is made over the chunks closed so far."""
         if self.mode != "causal":
             raise NotImplementedError("decoding needs mixer.mode 'causal' (prefill selections see later positions)")
+        if self.share_boundaries:
+            raise NotImplementedError("DHSA decoding with share_boundaries is not implemented; re-run the sequence")
         k_all, v_all = cache["k"], cache["v"]  # [B, t+1, Hkv, hd]
         B, t = q.shape[0], k_all.shape[1] - 1
         if t == 0:  # prefix sums of the head-mean queries and keys, boundary scores, closed chunks
@@ -369,6 +425,39 @@ class DHSA(CausalSelfAttention):
         kv = cache["kv"]  # [B, S] positions this block sees (forced recent ones may lie ahead)
         visible = (kv >= 0) & (kv <= t)
         return attend_keys(q, _take(k_all, kv), _take(v_all, kv), visible)
+
+    @torch.no_grad()
+    def decode_state(self, q: torch.Tensor, k: torch.Tensor) -> dict:
+        """The state ``attend_step`` holds after positions 0..T-1, computed at once from a prefill's rotated
+        q [B, T, H, hd] and k [B, T, Hkv, hd], so that decoding continues at position T exactly as if every
+        position had been decoded one by one. The caller adds the cache's ``"k"`` and ``"v"``."""
+        if self.mode != "causal":
+            raise NotImplementedError("decoding needs mixer.mode 'causal' (prefill selections see later positions)")
+        B, T = q.shape[:2]
+        state = {"Pq": prefix_sums(q.float().mean(2)), "Pk": prefix_sums(k.float().mean(2))}
+        n_scored = max(T - self.window + 1, 0) if self.chunker != "fixed" else 0  # scores known at T-1
+        state["scores"] = self.boundary_scores(k.flatten(2), 0, n_scored) if n_scored else q.new_zeros(B, 0)
+        decided = max(T - self.lookahead, 1)  # chunk starts at p < decided are decided at T-1
+        if self.chunker == "fixed":
+            starts = (torch.arange(decided, device=q.device) % self.chunk_size == 0).expand(B, -1)
+        elif n_scored:
+            starts = nms_starts(state["scores"], self.threshold, self.nms_radius, self.max_chunk)[:, :decided]
+        else:
+            starts = torch.ones(B, 1, dtype=torch.bool, device=q.device)
+        if not bool((starts == starts[:1]).all()):
+            raise NotImplementedError(
+                "DHSA decoding keeps one chunk table per batch: decode one sequence at a time (batch size 1) or "
+                "use chunker 'fixed'"
+            )
+        state["chunk_start"] = [0] + (starts[0, 1:].nonzero().flatten() + 1).tolist()
+        bounds = torch.tensor(state["chunk_start"], device=q.device)
+        state["krep"] = chunk_reps(state["Pk"], bounds[:-1].expand(B, -1), bounds[1:].expand(B, -1))  # closed
+        if T % self.query_block:  # mid-block: the selection made at the block's start i0, from the chunks closed then
+            i0 = T // self.query_block * self.query_block
+            n = sum(1 for p in state["chunk_start"][1:] if p <= i0 - self.lookahead)
+            at_i0 = {"Pq": state["Pq"], "chunk_start": state["chunk_start"][: n + 1], "krep": state["krep"][:, :n]}
+            state["kv"] = self._select_block(i0, at_i0)
+        return state
 
     def _decide_boundaries(self, k: torch.Tensor, t: int, cache: dict) -> None:
         """With keys 0..t known, decide whether a chunk starts at p = t − lookahead; if so, close the chunk
@@ -435,25 +524,29 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
 
-def load_predictor(module: BoundaryPredictor, path: str | Path, layer: int) -> None:
-    """Load layer ``layer``'s boundary predictor from a file written by ``python -m train dhsa-boundaries``
-    (safetensors: tensors ``layers.<i>.<name>``; metadata dim, n_heads, window, hidden)."""
+def load_predictor(module: BoundaryPredictor, path: str | Path, layer: Optional[int]) -> None:
+    """Load a boundary predictor from a file written by ``python -m train dhsa-boundaries`` (safetensors:
+    tensors ``layers.<i>.<name>``, or ``shared.<name>`` for one predictor of all layers; metadata dim, n_heads,
+    window, hidden, and residual, "1" when absent): layer ``layer``'s, or the shared one when ``layer`` is None."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"mixer.predictor: {path} does not exist (write it with `python -m train dhsa-boundaries`)")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        meta = {"residual": "1", **(f.metadata() or {})}
         want = {"dim": module.dim, "n_heads": module.n_heads, "window": module.window, "hidden": module.hidden}
+        want["residual"] = int(module.residual)
         got = {key: int(meta[key]) for key in want if key in meta}
         if got != want:
             raise ConfigError(f"mixer.predictor: {path} holds predictors with {got}; this layer needs {want}")
-        prefix = f"layers.{layer}."
+        prefix = "shared." if layer is None else f"layers.{layer}."
         names = [n for n in f.keys() if n.startswith(prefix)]
         if not names:
-            layers = sorted({int(n.split(".")[1]) for n in f.keys()})
-            raise ConfigError(f"mixer.predictor: {path} has no predictor for layer {layer}; it has layers {layers}")
+            held = sorted(
+                {n.split(".")[0] if n.startswith("shared.") else ".".join(n.split(".")[:2]) for n in f.keys()}
+            )
+            raise ConfigError(f"mixer.predictor: {path} has no {prefix[:-1]} predictor; it holds {held}")
         if module.norm.weight.is_meta:  # config validation builds the model on the meta device: file checked, done
             return
         module.load_state_dict({n[len(prefix) :]: f.get_tensor(n) for n in names})

@@ -49,6 +49,7 @@ class CausalLM(nn.Module):
         c = resolve_lm_config(cfg)
         self.config = {k: v for k, v in c.items() if k != "per_layer"}  # what export writes to config.yaml
         self.per_layer = c["per_layer"]
+        self.shared = {}  # per-forward state the layers share (LayerContext.shared)
         self.tok_emb = nn.Embedding(c["vocab_size"], c["d_model"])
         nn.init.normal_(self.tok_emb.weight, std=c["init_std"])
         blocks = []
@@ -65,6 +66,7 @@ class CausalLM(nn.Module):
                 rope_theta=c["rope_theta"],
                 rope_fraction=c["rope_fraction"],
                 init_std=c["init_std"],
+                shared=self.shared,
             )
             blocks.append(Block(ctx, MIXERS.create(spec["mixer"], ctx), FFNS.create(spec["ffn"], ctx)))
         self.blocks = nn.ModuleList(blocks)
@@ -86,8 +88,13 @@ class CausalLM(nn.Module):
         if T > self.max_seq_len:
             raise ValueError(f"input has {T} tokens; this model's max_seq_len is {self.max_seq_len}")
         x = self.tok_emb(input_ids)  # [B, T, D]
-        for i, block in enumerate(self.blocks):
-            x = block(x) if routes is None else block(x, route=routes[i])
+        self.shared.clear()
+        self.shared["forward"] = True  # layers may pass state down within this forward (and only this one)
+        try:
+            for i, block in enumerate(self.blocks):
+                x = block(x) if routes is None else block(x, route=routes[i])
+        finally:
+            self.shared.clear()
         return self.head(self.norm_f(x))  # [B, T, vocab]
 
     def new_cache(self) -> list[dict]:

@@ -1,83 +1,113 @@
-"""Bi-level routing attention: 2-D against independent references, 1-D causal routing semantics and limits."""
+"""Bi-level routing attention: 2-D (and the released stage-4 AttentionLePE) against an independent dense-mask
+reference of the released semantics, padding included; 1-D causal routing semantics and limits."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import arch
-from arch.bra import BiLevelRoutingAttention, CausalBRA, causal_routing
-from kernels.block_sparse.reference import gather_attention, reference_attention
+from arch.bra import AttentionLePE, BiLevelRoutingAttention, CausalBRA, causal_routing
+from kernels.block_sparse.naive import reference_attention
 
-
-def dense_bra(m: BiLevelRoutingAttention, x):
-    """Full attention (+LCE), written directly: what BRA must equal when every region is routed."""
-    B, H, W, C = x.shape
-    q, k, v = m.qkv(x).chunk(3, -1)
-    heads = lambda t: t.reshape(B, H * W, m.n_heads, m.head_dim).transpose(1, 2)  # noqa: E731
-    o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=m.scale).transpose(1, 2).reshape(B, H, W, C)
-    lce = F.conv2d(v.permute(0, 3, 1, 2), m.lce.weight, m.lce.bias, padding=m.lce.padding, groups=C)
-    return m.wo(o + lce.permute(0, 2, 3, 1))
-
-
-def released_bra(m: BiLevelRoutingAttention, x):
-    """The released algorithm (ops/bra_legacy.py) for sizes divisible by n_win: region means of detached q/k,
-    top-k regions, gather the top-k-fold copy of K/V, attend, + LCE, output projection."""
-    B, H, W, C = x.shape
-    n = m.n_win
-    q, k, v = m.qkv(x).chunk(3, -1)
-    lce = F.conv2d(v.permute(0, 3, 1, 2), m.lce.weight, m.lce.bias, padding=m.lce.padding, groups=C).permute(0, 2, 3, 1)
-    reg = lambda t: t.reshape(B, n, H // n, n, W // n, C).permute(0, 1, 3, 2, 4, 5).reshape(B, n * n, -1, C)  # noqa: E731
-    qr, kr, vr = reg(q), reg(k), reg(v)  # [B, n², p, C]
-    r_idx = (qr.detach().mean(2) @ kr.detach().mean(2).transpose(1, 2)).topk(m.topk, -1).indices  # [B, n², k]
-    heads = lambda t: t.reshape(B, -1, m.n_heads, m.head_dim)  # noqa: E731
-    out = gather_attention(heads(qr), heads(kr), heads(vr), r_idx[:, None], block_size=qr.shape[2], scale=m.scale)
-    out = out.reshape(B, n, n, H // n, W // n, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
-    return m.wo(out + lce)
+from .reference_bra import reference_bra, region_ids
 
 
 def make_bra(dim=32, **kw):
     torch.manual_seed(0)
-    return BiLevelRoutingAttention(dim, head_dim=8, **kw)  # float32: CPU depthwise conv in float64 is very slow
+    return BiLevelRoutingAttention(dim, head_dim=8, **kw).double()
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+def reference_of(m: BiLevelRoutingAttention, x, topk, scale, n_heads, lce_on="v"):
+    """The dense-mask reference on the module's weights; topk, scale, heads given by the test."""
+    w = (m.qkv.weight, m.qkv.bias, m.lce.weight, m.lce.bias, m.wo.weight, m.wo.bias)
+    return reference_bra(x, *w, n_win=m.n_win, topk=topk, n_heads=n_heads, scale=scale, lce_on=lce_on)
 
 
-@pytest.mark.parametrize("scale", ["head_dim", "dim"])
-@pytest.mark.parametrize("hw", [(12, 12), (8, 16)])
-def test_2d_matches_released_algorithm(scale, hw):
-    m = make_bra(n_win=4, topk=3, scale=scale)
-    x = torch.randn(2, *hw, 32, requires_grad=True)
-    out, ref = m(x), released_bra(m, x)
-    close(out, ref)
+def assert_forward_and_gradients_match(m, x, ref_fn):
+    """Output and the gradients of the input and of every weight, against the reference."""
+    x = x.clone().requires_grad_(True)
+    out, ref = m(x), ref_fn(x)
+    torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
-    params = [x, *m.parameters()]  # every gradient: input and all weights
+    params = [x, *m.parameters()]
     for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
-        close(a, b)
+        torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("hw", [(8, 8), (7, 10)])  # (7, 10): padded regions, whose padded keys must be masked
+@pytest.mark.parametrize(
+    "n_win, hw, topk, scale",
+    [
+        (4, (12, 12), 3, "dim"),  # divisible: the released code's setting (and scale)
+        (4, (8, 16), 5, "head_dim"),
+        (4, (7, 10), 3, "dim"),  # padded regions, each holding some real tokens
+        (7, (16, 16), 4, "dim"),  # 13 of 49 regions are only padding (BiFormer stage 3 at 256x256)
+        (7, (9, 9), 5, "head_dim"),  # 24 of 49 regions are only padding
+    ],
+)
+def test_2d_matches_the_dense_mask_reference(n_win, hw, topk, scale):
+    """Forward and every gradient, float64. Width 16 in 4 heads: float64 depthwise convs are slow on CPU."""
+    torch.manual_seed(0)
+    m = BiLevelRoutingAttention(16, head_dim=4, n_win=n_win, topk=topk, scale=scale).double()
+    x = torch.randn(2, *hw, 16, dtype=torch.float64)
+    s = 4**-0.5 if scale == "head_dim" else 16**-0.5
+    assert_forward_and_gradients_match(m, x, lambda x: reference_of(m, x, topk, s, n_heads=4))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 10)])
 @pytest.mark.parametrize("topk", ["all", -1, 16])
 def test_2d_all_regions_is_dense_attention_plus_lce(hw, topk):
     m = make_bra(n_win=4, topk=topk)
-    x = torch.randn(2, *hw, 32)
-    close(m(x), dense_bra(m, x))
+    x = torch.randn(2, *hw, 32, dtype=torch.float64)
+    torch.testing.assert_close(m(x), reference_of(m, x, "all", 8**-0.5, n_heads=4))
 
 
-def test_2d_routing_is_detached_and_sparse():
+@pytest.mark.parametrize("hw", [(16, 16), (24, 24)])  # n_win 7: the last row and column of regions are padding
+def test_2d_padding_regions_are_never_routed(hw, monkeypatch):
+    """Top-k = the number of regions holding real tokens (36) is full attention, like top-k = all 49 regions.
+    (Before the fix the 13 empty regions had a NaN mean, ranked first, and took 13 of the 36 slots.)"""
+    x = torch.randn(2, *hw, 32, dtype=torch.float64)
+    full = make_bra(n_win=7, topk=49)(x)
+    torch.testing.assert_close(make_bra(n_win=7, topk=36)(x), full)
+    torch.testing.assert_close(full, reference_of(make_bra(n_win=7, topk=49), x, "all", 8**-0.5, n_heads=4))
+    seen = []  # the selections handed to the sparse core
+    core = arch.bra.block_sparse_attention
+    monkeypatch.setattr(
+        arch.bra, "block_sparse_attention", lambda q, k, v, sel, **kw: seen.append(sel) or core(q, k, v, sel, **kw)
+    )
+    real_regions = set(region_ids(*hw, 7).tolist())
+    assert len(real_regions) == 36
+    make_bra(n_win=7, topk=4)(x)
+    assert set(seen[-1].flatten().tolist()) <= real_regions
+    make_bra(n_win=7, topk=40)(x)  # more than the real regions: the 4 extra slots stay unused
+    assert (seen[-1][..., :36] >= 0).all() and (seen[-1][..., 36:] == -1).all()
+    assert set(seen[-1][0, 0, 0].tolist()) == real_regions | {-1}
+
+
+@pytest.mark.parametrize("hw", [(7, 7), (5, 6)])
+def test_attention_lepe_matches_the_released_semantics(hw):
+    """Stage 4 of the released models: full attention, 8 heads, no qkv bias, scale head_dim**-0.5, LePE on x."""
+    torch.manual_seed(0)
+    m = AttentionLePE(64).double()  # 8 heads of 8
+    assert m.qkv.bias is None and m.n_heads == 8
+    x = torch.randn(2, *hw, 64, dtype=torch.float64)
+    ref = lambda x: reference_of(m, x, "all", 8**-0.5, n_heads=8, lce_on="x")  # noqa: E731
+    assert_forward_and_gradients_match(m, x, ref)
+
+
+def test_2d_topk_1_is_sparse():
     m = make_bra(n_win=4, topk=1)
-    x = torch.randn(1, 8, 8, 32)
-    assert (m(x) - dense_bra(m, x)).abs().max() > 1e-3  # top-1 of 16 regions is not dense attention
+    x = torch.randn(1, 8, 8, 32, dtype=torch.float64)
+    assert (m(x) - reference_of(m, x, "all", 8**-0.5, n_heads=4)).abs().max() > 1e-3  # not dense attention
     x.requires_grad_(True)
     m(x)[0, 0, 0].sum().backward()  # one query (region 0, top-1 region r): gradient reaches only regions 0, r
     touched = (x.grad.abs().sum(-1) > 0).view(4, 2, 4, 2).permute(0, 2, 1, 3).reshape(16, 4).any(-1)
     assert 1 <= touched.sum() <= 2 + 4  # + LCE's 5x5 neighbourhood may reach region 0's neighbours
 
 
-def test_2d_bad_topk_is_config_error():
+def test_2d_bad_options_are_config_errors():
     with pytest.raises(arch.ConfigError, match="topk"):
         BiLevelRoutingAttention(32, n_win=2, topk=5)
+    with pytest.raises(arch.ConfigError, match="n_heads: 7 must divide the width 64"):
+        AttentionLePE(64, n_heads=7)
 
 
 def lm(**mixer):

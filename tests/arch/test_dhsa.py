@@ -1,5 +1,6 @@
-"""DHSA: limit cases, causality (selections included), decoding, selection against a per-block transcription of
-the paper's rule, chunkers, and config errors."""
+"""DHSA: limit cases, causality (selections included), decoding, selection (causal and prefill, every chunker and
+query representation) against a per-block transcription of the rule, the boundary predictor against a
+window-by-window transcription, shared boundaries and predictors, chunkers, and config errors."""
 
 import math
 
@@ -109,32 +110,42 @@ def test_dense_decoding_equals_the_whole_sequence():
 
 
 def reference_selection(mixer: DHSA, q, k):
-    """A per-block transcription of the rule: chunks from ``chunk_starts``; candidates = closed chunks (causal);
-    forced = initial tokens, the n_recent before the block, the block, the tokens after the last closed chunk;
-    then whole chunks in decreasing Q·K_c (√|C|-scaled means of the head-averaged q / k), the one crossing the
-    budget contributing its most recent tokens. -> list (per query block) of sets of key positions, batch 0."""
+    """A per-block transcription of the rule, batch 0 -> list (per query block) of sets of key positions.
+
+    Chunks from ``chunk_starts``. Causal mode: candidates = closed chunks (end + lookahead <= block start),
+    query = √n · mean of the n = query_block head-averaged queries ending at the block start; forced = initial
+    tokens, the n_recent before the block, the block, the tokens after the last closed chunk. Prefill mode:
+    candidates = all chunks; query = √n · mean of the block's own queries (``query_rep: block``) or the mean
+    over the block's positions of their chunks' √|C|-scaled mean queries (``chunks``); forced = initial tokens,
+    the n_recent before the block, the block. Then whole chunks in decreasing query · K_c (√|C|-scaled mean of
+    the head-averaged keys), the one crossing the budget contributing its most recent candidate tokens."""
     T, qb = q.shape[1], mixer.query_block
     starts = mixer.chunk_starts(k.flatten(2))[0].tolist()
     bounds = [p for p in range(T) if starts[p]] + [T]
     chunks = list(zip(bounds[:-1], bounds[1:]))
     qm, km = q[0].double().mean(1), k[0].double().mean(1)  # [T, hd]
+    rep = lambda x, s, e: x[s:e].mean(0) * math.sqrt(e - s)  # noqa: E731
     out = []
     for i0 in range(0, T, qb):
         i1 = i0 + qb  # the budget counts the whole block, also past the end of the sequence
-        closed = [(s, e) for s, e in chunks if e + mixer.lookahead <= i0]
         rstart = max(i0 - mixer.n_recent, 0)
-        if closed:
-            rstart = min(rstart, closed[-1][1])
+        if mixer.mode == "causal":
+            cands = [(s, e) for s, e in chunks if e + mixer.lookahead <= i0]
+            rstart = min(rstart, cands[-1][1]) if cands else 0
+            qrep = rep(qm, max(i0 + 1 - qb, 0), i0 + 1)
         else:
-            rstart = 0
+            cands = chunks
+            if mixer.query_rep == "block":
+                qrep = rep(qm, i0, min(i1, T))
+            else:
+                own = [next((s, e) for s, e in chunks if s <= t < e) for t in range(i0, min(i1, T))]
+                qrep = torch.stack([rep(qm, s, e) for s, e in own]).mean(0)
         seen = set(range(min(mixer.n_init, i1))) | set(range(rstart, i1))
-        lo = max(i0 + 1 - qb, 0)
-        qrep = qm[lo : i0 + 1].mean(0) * math.sqrt(i0 + 1 - lo)
         scored = []
-        for s, e in closed:
+        for s, e in cands:
             cand = [j for j in range(max(s, mixer.n_init), min(e, rstart))]
             if cand:
-                scored.append((float(qrep @ (km[s:e].mean(0) * math.sqrt(e - s))), cand))
+                scored.append((float(qrep @ rep(km, s, e)), cand))
         left = max(mixer.budget - len([j for j in seen if j < i0]), 0)  # the budget: keys before the block
         for _, cand in sorted(scored, key=lambda sc: -sc[0]):
             take = cand[len(cand) - min(left, len(cand)) :]
@@ -144,19 +155,42 @@ def reference_selection(mixer: DHSA, q, k):
     return out
 
 
-@pytest.mark.parametrize("chunker", ["similarity", "fixed"])
-def test_selection_matches_the_per_block_rule(chunker):
-    m = swapped(lm("dense", T=90, layers=1), budget=30, chunker=chunker)
-    mixer = m.blocks[0].mixer
+@pytest.mark.parametrize(
+    "mixer",
+    [
+        {"chunker": "similarity"},
+        {"chunker": "fixed"},
+        {"chunker": "learned", "threshold": -1.0},
+        {"chunker": "similarity", "mode": "prefill"},  # query_rep: block (the released code's)
+        {"chunker": "learned", "threshold": -1.0, "mode": "prefill"},
+        {"chunker": "fixed", "mode": "prefill", "query_rep": "chunks"},
+        {"chunker": "learned", "threshold": -1.0, "mode": "prefill", "query_rep": "chunks"},
+    ],
+    ids=str,
+)
+def test_selection_matches_the_per_block_rule(mixer):
+    m = swapped(lm("dense", T=90, layers=1), budget=30, **mixer)
+    sel_mixer = m.blocks[0].mixer
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 90, 4, 8, generator=g), torch.randn(1, 90, 2, 8, generator=g)
-    sel = mixer.select(q, k)[0]
-    ref = reference_selection(mixer, q, k)
+    sel = sel_mixer.select(q, k)[0]
+    ref = reference_selection(sel_mixer, q, k)
     for b, want in enumerate(ref):
         got = sel[b][sel[b] >= 0].tolist()
         assert got == sorted(want), f"query block {b}"
-        assert len(got) <= max(mixer.budget, len(want))
+        assert len(got) <= max(sel_mixer.budget, len(want))
     assert any(len(s) < (b + 1) * 8 for b, s in enumerate(ref))  # the selection is sparse somewhere
+    if sel_mixer.chunker != "fixed":  # at this budget the chunker matters: fixed blocks select other keys
+        fixed = swapped(lm("dense", T=90, layers=1), budget=30, **{**mixer, "chunker": "fixed", "threshold": None})
+        assert not torch.equal(fixed.blocks[0].mixer.select(q, k), sel[None])
+
+
+def test_prefill_query_representations_differ():
+    """``block`` (the released code's) and ``chunks`` score query blocks differently, so they select differently."""
+    m = {q: swapped(lm("dense", T=90, layers=1), budget=30, mode="prefill", query_rep=q) for q in ("block", "chunks")}
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 90, 4, 8, generator=g), torch.randn(1, 90, 2, 8, generator=g)
+    assert not torch.equal(m["block"].blocks[0].mixer.select(q, k), m["chunks"].blocks[0].mixer.select(q, k))
 
 
 @pytest.mark.parametrize("mode", ["causal", "prefill"])
@@ -224,6 +258,76 @@ def test_boundary_predictor_shapes_and_locality():
     torch.testing.assert_close(bp(k2)[:, :17], logits[:, :17])
 
 
+def predictor_by_hand(bp: BoundaryPredictor, k: torch.Tensor) -> torch.Tensor:
+    """The predictor's logit at each p, one window at a time: keys p-w .. p+w-1 (zeros outside), attention of
+    n_heads heads with the module's projections, LayerNorm of attn (released) or of x + attn, mean of each half,
+    features [l, r, |l-r|, l*r, cos], MLP. k [B, T, C] -> [B, T]."""
+    B, T, C = k.shape
+    w, h = bp.window, bp.n_heads
+    Wi, bi, Wo, bo = bp.attn.in_proj_weight, bp.attn.in_proj_bias, bp.attn.out_proj.weight, bp.attn.out_proj.bias
+    out = torch.empty(B, T)
+    for b in range(B):
+        for p in range(T):
+            x = torch.stack([k[b, j] if 0 <= j < T else torch.zeros(C) for j in range(p - w, p + w)])  # [2w, C]
+            qh, kh, vh = ((x @ Wi.T + bi).split(C, -1)[i].view(2 * w, h, C // h).transpose(0, 1) for i in range(3))
+            a = ((qh @ kh.transpose(1, 2)) / math.sqrt(C // h)).softmax(-1) @ vh  # [h, 2w, C/h]
+            a = a.transpose(0, 1).reshape(2 * w, C) @ Wo.T + bo
+            z = F.layer_norm(x + a if bp.residual else a, (C,), bp.norm.weight, bp.norm.bias, bp.norm.eps)
+            l, r = z[:w].mean(0), z[w:].mean(0)  # noqa: E741
+            feats = torch.cat([l, r, (l - r).abs(), l * r, F.cosine_similarity(l, r, dim=0)[None]])
+            out[b, p] = bp.mlp(feats)[0]
+    return out
+
+
+@pytest.mark.parametrize("residual", [False, True])  # False: the released LayerNorm(attn(x))
+def test_boundary_predictor_matches_a_window_by_window_transcription(residual):
+    torch.manual_seed(0)
+    bp = BoundaryPredictor(16, 2, window=4, hidden=8, residual=residual)
+    k = torch.randn(2, 30, 16)
+    torch.testing.assert_close(bp(k), predictor_by_hand(bp, k), rtol=1e-5, atol=1e-5)
+
+
+def test_share_boundaries_chunks_once_with_the_first_layer_keys(monkeypatch):
+    T = 70
+    dense = lm("dense", T=T, layers=3)
+    shared = swapped(dense, budget=20, share_boundaries=True)
+    calls = []
+    real = DHSA.chunk_starts
+    monkeypatch.setattr(DHSA, "chunk_starts", lambda self, k: calls.append(self) or real(self, k))
+    x = torch.randint(0, 256, (2, T))
+    out = shared(x)
+    assert calls == [shared.blocks[0].mixer]  # chunked once, by layer 0
+    # the same model without sharing, its layers 1-2 given layer 0's chunks by hand
+    own = swapped(dense, budget=20)
+    first = {}
+    monkeypatch.setattr(DHSA, "chunk_starts", lambda self, k: first.setdefault("starts", real(own.blocks[0].mixer, k)))
+    torch.testing.assert_close(own(x), out, rtol=0, atol=0)
+    monkeypatch.setattr(DHSA, "chunk_starts", real)
+    assert not torch.equal(own(x), out)  # at this budget, each layer's own chunks select other keys
+    assert_causal(shared, T=T, positions=(0, 31, 60))
+    with pytest.raises(NotImplementedError, match="share_boundaries"):
+        shared.step(x[:, :1], shared.new_cache())
+
+
+def test_shared_predictor_file_and_residual_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    bp = BoundaryPredictor(16, 2, window=4, hidden=8, residual=False)
+    meta = {"dim": "16", "n_heads": "2", "window": "4", "hidden": "8", "residual": "0"}
+    path = tmp_path / "shared.safetensors"
+    save_file({f"shared.{n}": t.contiguous() for n, t in bp.state_dict().items()}, str(path), metadata=meta)
+    spec = {"type": "dhsa", "chunker": "learned", "predictor": str(path), "predictor_hidden": 8}
+    m = lm({**spec, "shared_predictor": True, "predictor_residual": False}, layers=2)
+    for block in m.blocks:
+        assert not block.mixer.boundary.residual
+        for n, t in bp.state_dict().items():
+            assert torch.equal(block.mixer.boundary.state_dict()[n], t)
+    with pytest.raises(arch.ConfigError, match="'residual': 0.*'residual': 1"):
+        lm({**spec, "shared_predictor": True}, layers=2)  # a file of released-style predictors, with a residual
+    with pytest.raises(arch.ConfigError, match="no layers.0 predictor; it holds \\['shared'\\]"):
+        lm({**spec, "predictor_residual": False}, layers=2)
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
@@ -232,6 +336,9 @@ def test_boundary_predictor_shapes_and_locality():
         ({"chunker": "kmeans"}, "chunker"),
         ({"predictor": "x.safetensors"}, "predictor"),
         ({"mode": "decode"}, "mode"),
+        ({"query_rep": "chunks"}, "query_rep: 'chunks' averages over later positions; it needs mode 'prefill'"),
+        ({"predictor_residual": False}, "predictor_residual is only used by chunker 'learned'"),
+        ({"shared_predictor": True}, "shared_predictor is only used by chunker 'learned'"),
     ],
 )
 def test_config_errors(bad, match):
