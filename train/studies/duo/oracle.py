@@ -23,9 +23,14 @@ plus all-small and all-big, and:
   are the same size (``configs/lm/duo-tiny-control.yaml``), so no route is better than another except by chance:
   its oracle gain over its best fixed route is what a per-token minimum over that many routes gains on noise.
 
-Token difficulty = ℓ_t(all-small) − ℓ_t(oracle over the whole space), within the space (all-skip stands for
-all-small in the skip/big space, which has no small module). Writes oracle.json, ppl_vs_budget.png and
+Token difficulty = ℓ_t(all-small) − ℓ_t(oracle over the routes evaluated), within the space (all-skip stands
+for all-small in the skip/big space, which has no small module). Writes oracle.json, ppl_vs_budget.png and
 oracle_big_heatmap.png.
+
+Routes cover the routed layers (those with a duo FFN, ``routes.routed_layers``): a model with duo FFNs in only
+some layers is studied over those, the other layers running as they are (the command says which); budgets count
+big layers among the routed ones. The route tree runs the layers one at a time, so mixers that pass state down
+the layers within one forward (DHSA ``share_boundaries``) are refused.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from train.cli import add_target
 from train.runs import device_for
 
 from .report import plot, print_report, route_str
-from .routes import SPACES, route_losses, route_losses_naive, route_space, token_losses
+from .routes import SPACES, route_losses, route_losses_naive, route_space, routed_layers, token_losses
 from .summary import RANDOM_PER, summarise
 
 
@@ -82,8 +87,8 @@ def space_losses(model, windows, routes, chunk: int, max_states: int, log=print)
 
 @torch.no_grad()
 def fixed_route_losses(model, windows, route: int) -> torch.Tensor:
-    """ℓ_t of the route taking ``route`` in every layer: [S, T]."""
-    all_one = torch.full((1, len(model.blocks)), route)
+    """ℓ_t of the route taking ``route`` in every routed layer: [S, T]."""
+    all_one = torch.full((1, len(routed_layers(model))), route)
     return torch.cat([route_losses_naive(model, w, all_one)[0].cpu() for w in windows])
 
 
@@ -120,8 +125,11 @@ def load_routers(target: str, model, cfg: dict, sources: list[str], device) -> l
     routers = [(str(target), cfg, model)] if is_router(model) else []
     for src in sources:
         rcfg, rmodel = load_trained(src, map_location=device)
-        if len(duo_layers(rmodel)) != len(model.blocks) or not is_router(rmodel):
-            raise ConfigError(f"--routers {src}: not a duo model with a router in every layer (model.ffn.routing)")
+        if routed_layers(rmodel) != routed_layers(model) or not is_router(rmodel):
+            raise ConfigError(
+                f"--routers {src}: not a duo model with a router in every routed layer of {target} "
+                f"(layers {routed_layers(model)}; model.ffn.routing)"
+            )
         diff = backbone_difference(model, rmodel)
         if diff:
             raise ConfigError(
@@ -178,11 +186,13 @@ def difficult_tokens(losses: torch.Tensor, reference: torch.Tensor, routes, wind
     ]
 
 
-def control_result(source: str, cfg: dict, L: int, windows, routes, budgets, opts: dict, device) -> dict:
+def control_result(source: str, cfg: dict, layers: list[int], windows, routes, budgets, opts, device) -> dict:
     """The control model's statistics over the same routes and held-out windows."""
     ccfg, cmodel = load_trained(source, map_location=device)
-    if len(duo_layers(cmodel)) != len(cmodel.blocks) or len(cmodel.blocks) != L:
-        raise ConfigError(f"--control {source}: needs a duo FFN in each of its layers and {L} layers like the model")
+    if routed_layers(cmodel) != layers:
+        raise ConfigError(
+            f"--control {source}: its duo FFNs are in layers {routed_layers(cmodel)}; the model's in {layers}"
+        )
     if ccfg["data"]["tokenizer"] != cfg["data"]["tokenizer"]:
         raise ConfigError(f"--control {source}: tokenizer {ccfg['data']['tokenizer']!r}, the model's is different")
     losses = space_losses(cmodel, windows, routes, opts["chunk"], opts["max_states"], log=lambda s: None)
@@ -196,11 +206,16 @@ def control_result(source: str, cfg: dict, L: int, windows, routes, budgets, opt
 
 
 def check_request(model, budget: Optional[int], space: str, control: Optional[str]) -> None:
-    L, n_duo = len(model.blocks), len(duo_layers(model))
-    if n_duo != L:
-        raise ConfigError(f"model.ffn: the oracle needs a duo FFN in every layer ({n_duo} of {L} layers have one)")
-    if budget is not None and not 0 <= budget <= L:
-        raise ConfigError(f"--budget {budget}: must be between 0 and the number of layers, {L}")
+    D = len(routed_layers(model))
+    if D == 0:
+        raise ConfigError("model.ffn: the oracle needs a duo FFN (ffn: {type: duo}) in at least one layer; none has")
+    if any(getattr(m, "share_boundaries", False) for m in model.modules()):
+        raise ConfigError(
+            "mixer.share_boundaries: the oracle's route tree runs one layer at a time, so layers cannot share "
+            "state within a forward; set share_boundaries: false (or override it on the command line)"
+        )
+    if budget is not None and not 0 <= budget <= D:
+        raise ConfigError(f"--budget {budget}: must be between 0 and the number of routed (duo) layers, {D}")
     if control and space != "small-big":
         raise ConfigError(
             f"--control with --space {space}: the control's routes carry no signal only between its small and big "
@@ -208,19 +223,32 @@ def check_request(model, budget: Optional[int], space: str, control: Optional[st
         )
 
 
+def routed_layers_note(model) -> str:
+    """Which layers the routes cover, and what the others do."""
+    layers, L = routed_layers(model), len(model.blocks)
+    if len(layers) == L:
+        return f"routes cover all {L} layers (each has a duo FFN)"
+    skipped = [f"{j} ({type(b.ffn).__name__})" for j, b in enumerate(model.blocks) if j not in layers]
+    return (
+        f"routes cover the {len(layers)} layers with a duo FFN: {layers}; layers without one are skipped by the "
+        f"routing and run as they are on every route: {', '.join(skipped)}"
+    )
+
+
 def study(target: str, cfg: dict, model, windows, routes, budgets, routers, control, opts: dict, device) -> dict:
     """Every statistic of the oracle command (printing only the progress of the route losses)."""
-    space, L = opts["space"], len(model.blocks)
+    space, L, layers = opts["space"], len(model.blocks), routed_layers(model)
     start = time.perf_counter()
     losses = space_losses(model, windows, routes, opts["chunk"], opts["max_states"], lambda s: print(s, flush=True))
     seconds = time.perf_counter() - start
-    refs = {name: fixed_route_losses(model, windows, r) for name, r in (("small", SMALL), ("big", BIG))}
     ref_route = SMALL if SMALL in SPACES[space] else SKIP  # all-small, or all-skip in the skip/big space
+    refs = {ROUTE_NAMES[r]: fixed_route_losses(model, windows, r) for r in {SMALL, BIG, ref_route}}
     router_rows, left_out = evaluate_routers(routers, space, windows)
     result = {
         "checkpoint": str(target),
         "route_space": space,
         "n_layers": L,
+        "routed_layers": layers,
         "tokens": sum(w[:, 1:].numel() for w in windows),
         "n_routes": len(routes),
         "route_losses_seconds": seconds,
@@ -231,12 +259,12 @@ def study(target: str, cfg: dict, model, windows, routes, budgets, routers, cont
         "per_budget": with_ppl(summarise(losses, routes, budgets, opts["random_per"])),
         "routers": router_rows,
         "routers_left_out": left_out,
-        "control": control_result(control, cfg, L, windows, routes, budgets, opts, device) if control else None,
+        "control": control_result(control, cfg, layers, windows, routes, budgets, opts, device) if control else None,
         "difficulty_reference": "all-" + ROUTE_NAMES[ref_route],
     }
     from train.data import build_tokenizer
 
-    reference = losses[(routes == ref_route).all(1).nonzero().item()]  # [S, T]
+    reference = refs[ROUTE_NAMES[ref_route]]  # [S, T]
     tokenizer = build_tokenizer(cfg["data"]["tokenizer"])
     result["difficult_tokens"] = difficult_tokens(losses, reference, routes, windows, tokenizer, opts["n_difficult"])
     return result
@@ -260,11 +288,15 @@ def oracle(
     device = device_for()
     cfg, model = load_trained(target, overrides, map_location=device)
     check_request(model, budget, space, control)
-    L = len(model.blocks)
-    routes, budgets = route_space(L, space, budget), (list(range(L + 1)) if budget is None else [budget])
+    L, layers = len(model.blocks), routed_layers(model)
+    routes, budgets = (
+        route_space(len(layers), space, budget),
+        (list(range(len(layers) + 1)) if budget is None else [budget]),
+    )
     out = Path(out_dir) if out_dir else run_dir_of(target) / "oracle"
     windows = held_out_windows(cfg, batches, device)
     router_models = load_routers(target, model, cfg, list(routers), device)
+    print(routed_layers_note(model), flush=True)
     print(
         f"oracle {target} on {device}: {L} layers, {space} route space ({len(routes)} routes, budgets "
         f"{budgets[0]}-{budgets[-1]}), {len(windows)} held-out batches = {sum(w[:, 1:].numel() for w in windows)} "

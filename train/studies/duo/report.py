@@ -12,12 +12,17 @@ SPACE_NAMES = {"small-big": "small/big", "skip-big": "skip/big", "skip-small-big
 
 
 def route_str(route: list[int]) -> str:
-    return "".join("SsB"[r] for r in route)  # S = skip, s = small, B = big, layer 0 first
+    return "".join("SsB"[r] for r in route)  # S = skip, s = small, B = big, first routed layer first
 
 
 def gain(row: dict) -> float:
     """The oracle's gain over the best fixed route of its budget, in % of perplexity."""
     return 100 * (1 - row["oracle_ppl"] / row["fixed_ppl"])
+
+
+def layers_str(result: dict) -> str:
+    layers = result["routed_layers"]
+    return f"all {len(layers)} layers" if len(layers) == result["n_layers"] else f"layers {layers}"
 
 
 def baseline_table(result: dict) -> list[str]:
@@ -37,7 +42,8 @@ def baseline_table(result: dict) -> list[str]:
     trial = "the whole text" if per_text else "each sequence"
     lines += [
         "",
-        "routes: layer 0 first; s = small, S = skip, B = big. Perplexity = exp(mean token loss).",
+        f"routes: one letter per routed layer ({layers_str(result)}), first layer first; s = small, S = skip, "
+        "B = big. Perplexity = exp(mean token loss).",
         "mean of routes: the mean over the K-big routes of their mean loss (one random route, on average).",
         f"best of 100 random: 100 trials, each one route with exactly K big layers drawn uniformly (a random set of K "
         f"big layers) for {trial}; the lowest mean loss of the 100.",
@@ -97,8 +103,8 @@ def print_report(result: dict) -> None:
         print(f"router left out (not trained in the {space} space): {name}")
     print("\noracle: fraction of tokens routed big, layer x budget")
     print("layer " + " ".join(f"K={r['budget']:<3}" for r in result["per_budget"]))
-    for j in range(result["n_layers"]):
-        print(f"{j:>5} " + " ".join(f"{r['oracle_big_fraction'][j]:5.2f}" for r in result["per_budget"]))
+    for i, layer in enumerate(result["routed_layers"]):
+        print(f"{layer:>5} " + " ".join(f"{r['oracle_big_fraction'][i]:5.2f}" for r in result["per_budget"]))
     ref = result["difficulty_reference"]
     print(
         f"\nmost difficult tokens: loss({ref}) - loss(oracle over all {result['n_routes']} {space} routes), "
@@ -117,12 +123,13 @@ def plot(result: dict, out: Path) -> list[Path]:
         budget_panel(ax, result)
         gain_panel(ax_gain, result)
     with figure(paths[1], (6.4, 3.8)) as (fig, ax):
-        rows, L = result["per_budget"], result["n_layers"]
+        rows, layers = result["per_budget"], result["routed_layers"]
         ks = [r["budget"] for r in rows]
-        heat = torch.tensor([r["oracle_big_fraction"] for r in rows]).T.numpy()  # [L, budgets]
-        extent = (ks[0] - 0.5, ks[-1] + 0.5, -0.5, L - 0.5)
+        heat = torch.tensor([r["oracle_big_fraction"] for r in rows]).T.numpy()  # [D routed layers, budgets]
+        extent = (ks[0] - 0.5, ks[-1] + 0.5, -0.5, len(layers) - 0.5)
         im = ax.imshow(heat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, extent=extent)
         ax.set(xlabel="budget K (big layers)", ylabel="layer", title="how often the oracle routes a token big")
+        ax.set_yticks(range(len(layers)), [str(j) for j in layers])
         fig.colorbar(im, ax=ax, label="fraction of tokens")
     return paths
 
@@ -148,7 +155,7 @@ def budget_panel(ax, result: dict) -> None:
             where = (r["mean_big_layers"], r["ppl"])
             ax.annotate(f"{r['budget']:g}", where, textcoords="offset points", xytext=(4, 4), fontsize=7, color="r")
     ax.set(
-        xlabel=f"budget: big layers of {result['n_layers']}",
+        xlabel=f"budget: big layers of {len(result['routed_layers'])} routed",
         ylabel="perplexity (held-out, log scale)",
         yscale="log",
         title=f"Duo routing oracles ({SPACE_NAMES[result['route_space']]} routes)",

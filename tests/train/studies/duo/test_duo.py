@@ -133,7 +133,9 @@ def test_routers_must_share_the_checkpoints_weights_outside_the_routers(stage1, 
         model.blocks[1].norm2.weight.add_(1e-3)
     with pytest.raises(ConfigError, match=r"weights differ from .* outside the routers \(first: blocks.1.norm2"):
         load_routers(str(stage1), model, cfg, [str(router_run)], "cpu")
-    with pytest.raises(ConfigError, match="not a duo model with a router in every layer"):
+    with pytest.raises(
+        ConfigError, match=r"not a duo model with a router in every routed layer of .* \(layers \[0, 1\]"
+    ):
         load_routers(str(stage1), model, cfg, [str(stage1)], "cpu")
 
 
@@ -155,4 +157,32 @@ def test_paper_config_has_the_papers_shape_and_about_1_4b_parameters(capsys):
 
 def test_oracle_rejects_a_budget_beyond_the_depth(stage1, capsys):
     assert main(["oracle", str(stage1), "--budget", "3"]) == 2  # the micro model has 2 layers
-    assert "--budget 3: must be between 0 and the number of layers, 2" in capsys.readouterr().err
+    assert "--budget 3: must be between 0 and the number of routed (duo) layers, 2" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory, cache_dir):
+    """A 2-step duo run of 3 layers whose layer 1 has a plain MLP instead of a duo FFN."""
+    tmp = tmp_path_factory.mktemp("hybrid")
+    over = {"model.n_layers": 3, "model.layers.1.ffn.type": "mlp", "trainer.max_steps": 2, "trainer.val_every": 2}
+    return fit(DUO, duo_micro(tmp, cache_dir, **over, **{"trainer.ckpt_every": 2}))["run_dir"]
+
+
+def test_oracle_skips_layers_without_a_duo_ffn_and_says_so(hybrid_run, tmp_path, capsys):
+    result = oracle_json([str(hybrid_run), "--space", "skip-small-big"], tmp_path / "o")
+    printed = capsys.readouterr().out
+    assert "routes cover the 2 layers with a duo FFN: [0, 2]; layers without one are skipped by the routing" in printed
+    assert "run as they are on every route: 1 (MLP)" in printed
+    assert result["routed_layers"] == [0, 2] and result["n_routes"] == 9  # 3^2 routes over the 2 duo layers
+    assert [r["budget"] for r in result["per_budget"]] == [0, 1, 2]
+    assert len(result["per_budget"][1]["oracle_big_fraction"]) == 2
+    assert "routes: one letter per routed layer (layers [0, 2])" in printed
+    k2 = result["per_budget"][2]  # one route (big, big): every statistic is that route's, as a plain pass gives
+    assert k2["fixed_ppl"] == k2["oracle_ppl"] == pytest.approx(result["all_big_ppl"], rel=1e-5)
+
+
+def test_oracle_refuses_a_model_without_duo_ffns(tmp_path, cache_dir, capsys):
+    over = {"model.ffn.type": "mlp", "trainer.max_steps": 1, "trainer.val_every": 1, "trainer.ckpt_every": 1}
+    run = fit(DUO, duo_micro(tmp_path, cache_dir, **over))["run_dir"]
+    assert main(["oracle", str(run)]) == 2
+    assert "the oracle needs a duo FFN (ffn: {type: duo}) in at least one layer; none has" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Duo routing oracles against independent definitions: route spaces, prefix sharing == a forward pass per route
-(also over the 3^L space, with the memory bound splitting the tree), the random baseline == the best of explicitly
-drawn whole route assignments (and not the mean over routes, which a per-token draw gives), per-budget statistics."""
+(also over the 3^L space, with the memory bound splitting the tree, and in models with duo FFNs in only some
+layers), the random baseline == the best of explicitly drawn whole route assignments (and not the mean over routes,
+which a per-token draw gives), per-budget statistics."""
 
 import itertools
 import math
@@ -10,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import arch
-from arch.duo import BIG, SKIP, SMALL
+from arch.duo import BIG, ROUTE_NAMES, SKIP, SMALL
 from arch.registry import ConfigError
-from train.studies.duo.routes import route_losses, route_losses_naive, route_space
+from train.studies.duo.routes import route_losses, route_losses_naive, route_space, routed_layers
 from train.studies.duo.summary import best_of_random, draw_assignments, summarise
 
 LOW = {"small-big": (SMALL,), "skip-big": (SKIP,), "skip-small-big": (SKIP, SMALL)}
@@ -160,3 +161,50 @@ def test_per_budget_statistics_match_their_definitions():
         trials = torch.randint(len(ids), (9, 1), generator=torch.Generator().manual_seed(k))[:, 0].tolist()
         assert row["random_loss"] == pytest.approx(min(means[d] for d in trials))
         assert row["random_route"] == routes[ids[min(trials, key=lambda d: means[d])]].tolist()
+
+
+def hybrid_lm(**ffn):
+    """4 layers with duo FFNs in layers 1 and 3 only (plain SwiGLU MLPs, d_ff 48, in layers 0 and 2)."""
+    torch.manual_seed(0)
+    cfg = {
+        "d_model": 32,
+        "n_layers": 4,
+        "n_heads": 2,
+        "max_seq_len": 16,
+        "ffn": {"type": "duo", "d_ff": 64, **ffn},
+        "layers": {"0,2": {"ffn": {"type": "mlp", "d_ff": 48}}},
+    }
+    return arch.build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("space, max_states", [("small-big", 512), ("skip-small-big", 512), ("skip-small-big", 2)])
+def test_layers_without_a_duo_ffn_run_as_they_are_on_every_route(space, max_states):
+    """Routes cover the duo layers only; each route's losses equal those of the same weights built with the
+    config's own fixed routing (``routing: fixed``, ``fixed_routes`` per layer) and run by the model's forward."""
+    model = hybrid_lm()
+    assert routed_layers(model) == [1, 3]
+    routes = route_space(2, space)
+    tree = route_losses(model, BATCH, routes, chunk=2, max_states=max_states)
+    for r, losses in zip(routes.tolist(), tree):
+        names = ["big", ROUTE_NAMES[r[0]], "big", ROUTE_NAMES[r[1]]]  # layers 0 and 2 are not duo: unused
+        fixed = hybrid_lm(routing="fixed", fixed_routes=names)
+        fixed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            logits = fixed(BATCH[:, :-1])  # [B, T, V]
+        expect = F.cross_entropy(logits.flatten(0, 1), BATCH[:, 1:].flatten(), reduction="none").view(3, 16)
+        torch.testing.assert_close(losses, expect, rtol=0, atol=1e-6)
+    assert tree.std(0).mean() > 1e-3  # the duo layers' routes really differ
+    with pytest.raises(ValueError, match="routes have 4 choices; the model has 2 routed layers"):
+        route_losses(model, BATCH, route_space(4, space))
+
+
+def test_oracle_refuses_layers_that_share_state_within_a_forward():
+    """The route tree runs one layer at a time; DHSA layers sharing one chunking per forward cannot be split."""
+    from train.studies.duo.oracle import check_request
+
+    torch.manual_seed(0)
+    cfg = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16, "ffn": {"type": "duo", "d_ff": 64}}
+    dhsa = {"type": "dhsa", "budget": 8, "query_block": 4, "n_init": 2, "n_recent": 4}
+    check_request(arch.build_model({**cfg, "mixer": dhsa}), None, "small-big", None)  # own chunking per layer
+    with pytest.raises(ConfigError, match="mixer.share_boundaries: the oracle's route tree runs one layer at a time"):
+        check_request(arch.build_model({**cfg, "mixer": {**dhsa, "share_boundaries": True}}), None, "small-big", None)
