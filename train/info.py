@@ -155,11 +155,22 @@ def print_measured(cfg: dict, upper: float, n_windows: int) -> dict:
     return out
 
 
+def memory_report(cfg: dict) -> bool:
+    """Print the memory estimate of training the config here (``train.runs.estimate_memory``), with a warning
+    when it exceeds the memory available (``fit`` refuses such a config); returns whether it fits."""
+    from .runs import memory_line
+
+    line, fits = memory_line(cfg, training=True)
+    print(f"memory: {line}" if fits else f"warning: too large to train here: {line}")
+    return fits
+
+
 def info(config_path: str, overrides=(), measure: int = 0) -> dict:
     cfg = load_config(config_path, overrides)
     print(f"# resolved config of {config_path}\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
     if task_of(cfg) == "classification":
-        return classifier_info(cfg)
+        out = classifier_info(cfg)
+        return {**out, "fits_in_memory": memory_report(cfg)}
     with torch.device("meta"):
         model = build_model(cfg["model"])
     rows = model.layer_table() if hasattr(model, "layer_table") else []
@@ -177,7 +188,7 @@ def info(config_path: str, overrides=(), measure: int = 0) -> dict:
     for method in load_methods().values():
         for line in method.describe(model):
             print(f"  {line}")
-    out = {"params": params, "forward_flops_per_token": flops}
+    out = {"params": params, "forward_flops_per_token": flops, "fits_in_memory": memory_report(cfg)}
     if measure:
         out["measured_flops_per_token"] = print_measured(cfg, flops, measure)
     return out

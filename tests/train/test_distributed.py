@@ -22,8 +22,12 @@ from .studies.compare.test_hybrid import HYBRID, SMALL
 
 
 def train_losses(run_dir) -> dict[int, float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    losses = {}
+    for path in [run_dir / "csv" / "metrics.csv", *sorted(run_dir.glob("csv/*/metrics.csv"))]:  # resumed segments
+        if path.is_file():
+            with open(path) as f:
+                losses |= {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    return losses
 
 
 def launch(args: list[str]) -> str:

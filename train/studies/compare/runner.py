@@ -29,6 +29,7 @@ from arch import build_model
 from arch.io import atomic_write
 from arch.registry import ConfigError
 from train.config import load_config
+from train.errors import Interrupted
 from train.info import count_params, forward_flops_per_token, heldout_batches, measured_flops_per_token
 
 from .sweep import Arm, Sweep, check_same_data
@@ -175,11 +176,16 @@ def val_curve(run_dir: Path, steps: int) -> list[list[float]]:
     step before; the ``validate`` after ``fit`` at ``steps``)."""
     import csv
 
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        rows = [(min(int(r["step"]) + 1, steps), float(r["val/loss"])) for r in csv.DictReader(f) if r.get("val/loss")]
+    rows = []
+    # the first attempt's csv/metrics.csv, then each resumed segment's csv/from-step-<step>-<time>/ in order
+    for path in [run_dir / "csv" / "metrics.csv", *sorted(run_dir.glob("csv/*/metrics.csv"))]:
+        if path.is_file():
+            with open(path) as f:
+                rows += [
+                    (min(int(r["step"]) + 1, steps), float(r["val/loss"]))
+                    for r in csv.DictReader(f)
+                    if r.get("val/loss")
+                ]
     return [list(r) for r in sorted(dict(rows).items())]
 
 
@@ -196,8 +202,6 @@ def run_job(out: Path, key: str) -> dict:
     p = state["arms"][job["arm"]]
     resume = interrupted_run(out, key)
     resumed_from = int(latest_checkpoint(resume).stem.split("-")[1]) if resume else None
-    # the interrupted attempt's validations up to its checkpoint (resuming rewrites the CSV log)
-    earlier = [pt for pt in val_curve(resume, p["max_steps"]) if pt[0] <= resumed_from] if resume else []
     t0 = time.perf_counter()
     result = fit(p["config"], job_overrides(state, key), resume=str(resume) if resume else None)
     wall = time.perf_counter() - t0
@@ -218,9 +222,7 @@ def run_job(out: Path, key: str) -> dict:
         "val_bpb": heldout["bpb"],
         "eval_tokens": heldout["tokens"],
         "forward_flops": measured_flops_per_token(model, heldout_batches(cfg, MEASURE_WINDOWS)),
-        "curve": [
-            list(pt) for pt in sorted(dict(earlier + val_curve(Path(result["run_dir"]), p["max_steps"])).items())
-        ],
+        "curve": val_curve(Path(result["run_dir"]), p["max_steps"]),  # every segment of a resumed run
     }
     write_json(out / "jobs" / f"{slug(key)}.json", out_row)
     return out_row
@@ -275,7 +277,7 @@ def run_sequential(state: dict, keys: list[str]) -> None:
         print(f"\n== {key}: {state['arms'][state['jobs'][key]['arm']]['max_steps']} steps")
         try:
             run_job(Path(state["out"]), key)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # Ctrl-C / SIGTERM: the job checkpointed; rerun to resume
             state["jobs"][key]["status"] = "pending"
             save(state)
             raise

@@ -254,7 +254,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, corpus):
     assert not (out / "jobs" / "b-seed0.json").exists()
     a_result = (out / "jobs" / "a-seed0.json").read_text()
     (interrupted,) = (out / "runs" / "b-seed0").iterdir()
-    earlier = val_curve(interrupted, 600)  # what the stopped attempt had logged (resuming rewrites its CSV)
+    earlier = val_curve(interrupted, 600)  # what the stopped attempt had logged
 
     rows = compare(str(path), out=str(out))
     assert [r["arm"] for r in rows] == ["a", "b"]
