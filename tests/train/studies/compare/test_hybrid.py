@@ -108,6 +108,8 @@ def test_hybrid_runs_the_oracle_and_samples(trained, capsys):
     run = trained["run_dir"]
     assert main(["oracle", str(run), "--batches", "1"]) == 0
     result = json.loads((run / "oracle" / "oracle.json").read_text())
-    assert result["n_layers"] == 4 and result["n_routes"] == 16 and result["router"] is not None
+    assert result["n_layers"] == 4 and result["n_routes"] == 16
+    (router,) = result["routers"]  # the hybrid's own router (its checkpoint routes)
+    assert router["run"] == str(run) and 0 <= router["mean_big_layers"] <= 4
     assert main(["sample", str(run), "--prompt", "ROMEO:", "--tokens", "30"]) == 0
     assert "ROMEO:" in capsys.readouterr().out
