@@ -12,6 +12,7 @@ from torch import nn
 
 from arch import build_model
 
+from .distributed import is_sharded
 from .errors import NonFiniteLossError
 from .methods import attach_all
 
@@ -127,8 +128,10 @@ class LMModule(L.LightningModule):
         return True
 
     def loss(self, batch) -> torch.Tensor:
-        """The training loss of a batch (without methods' auxiliary losses)."""
-        return lm_loss(self, batch)
+        """The training loss of a batch (without methods' auxiliary losses). Sharded (FSDP): through the strategy's
+        wrapper, which gathers the parameters (a collective: every process calls it)."""
+        sharded = self._trainer is not None and is_sharded(self._trainer)
+        return lm_loss(self.trainer.strategy.model if sharded else self, batch)
 
     def record_finite(self, loss: torch.Tensor) -> None:
         """Note (on device, no host sync) the step of the first non-finite loss."""

@@ -46,9 +46,10 @@ def run_dir(out: Path) -> Path:
 
 
 def resume_copy(ckpt, folder):
-    """A run dir holding only ``ckpt`` (resuming writes into the checkpoint's run dir)."""
+    """A run dir holding only ``ckpt`` and the run's config (a resume continues in the checkpoint's run dir)."""
     (folder / "checkpoints").mkdir(parents=True)
     shutil.copy(ckpt, folder / "checkpoints")
+    shutil.copy(ckpt.parent.parent / "config.yaml", folder)
     return folder / "checkpoints" / ckpt.name
 
 
