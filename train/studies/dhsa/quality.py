@@ -61,7 +61,8 @@ QUERY_REP = {"ours": "chunks", "authors": "block"}
 
 def predictor_switch(path: str | Path, setting: str) -> list[str]:
     """The overrides ``dhsa-boundaries`` printed for the predictor file ``path`` (read from the
-    ``boundaries.json`` it wrote beside it); ConfigError unless that file was trained with ``--setting setting``."""
+    ``boundaries.json`` it wrote beside it), reading ``path`` (the file may have been moved since); ConfigError
+    unless that file was trained with ``--setting setting``."""
     flag = f"--{setting}"
     if path is None:
         raise ConfigError(f"{flag}: the predictor file of row {setting} is required (or leave the row out: --rows)")
@@ -76,7 +77,8 @@ def predictor_switch(path: str | Path, setting: str) -> list[str]:
         raise ConfigError(
             f"{flag}: {path} was trained with --setting {got['setting']['name']}; this row needs --setting {setting}"
         )
-    return got["switch"].split()
+    switch = [o for o in got["switch"].split() if not o.startswith("model.mixer.predictor=")]
+    return [*switch, f"model.mixer.predictor={path}"]
 
 
 def quality_variants(

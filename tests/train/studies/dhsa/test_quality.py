@@ -2,6 +2,7 @@
 the recorded windows, a budget covering the context gives dense, and predictor files of the wrong setting fail."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,9 +38,14 @@ def run(tmp_path_factory, cache_dir):
     return run, {s: str(p) for s, p in files.items()}
 
 
-def test_each_row_builds_the_model_it_names(run):
+def test_each_row_builds_the_model_it_names(run, tmp_path):
     run, files = run
-    switches = {s: predictor_switch(p, s) for s, p in files.items()}
+    moved = {s: tmp_path / f"moved-{s}.safetensors" for s in files}  # the switch reads the file given, not the old path
+    for s, path in files.items():
+        moved[s].write_bytes(Path(path).read_bytes())
+        moved[s].with_suffix(".json").write_bytes(Path(path).with_suffix(".json").read_bytes())
+    switches = {s: predictor_switch(str(p), s) for s, p in moved.items()}
+    assert [o for o in switches["ours"] if "predictor=" in o] == [f"model.mixer.predictor={moved['ours']}"]
     rows = quality_variants(16, switches, SPARSE)
     assert rows["dense"] == [] and list(rows) == ["fixed", "ours", "authors", "dense"]
     models = {name: load_trained(run, extra)[1] for name, extra in rows.items() if name != "dense"}
