@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kernels.block_sparse.api import Impl
+
 from .bra import AttentionLePE, BiLevelRoutingAttention, TopK, is_all
 from .registry import MODELS, ConfigError, check_fields, fields_of_dataclass
 
@@ -47,6 +49,7 @@ class BiFormerConfig:
     stage4: Literal["attention_lepe", "bra"] = "attention_lepe"
     stage4_heads: int = 8  # AttentionLePE heads (8 in every released model)
     drop_path: float = 0.0  # stochastic depth rate at the last block (linear in depth), 0.1 for T in the paper
+    impl: Impl = "auto"  # kernels.block_sparse implementation of the BRA blocks
 
 
 class DropPath(nn.Module):
@@ -97,7 +100,9 @@ def make_attention(c: dict, stage: int) -> nn.Module:
         return AttentionLePE(dim, n_heads=c["stage4_heads"])
     if stage == 3 and c["stage4_heads"] != 8:
         raise ConfigError("model.stage4_heads is only used by model.stage4: attention_lepe (stage 4 is BRA here)")
-    return BiLevelRoutingAttention(dim, n_win=c["n_win"], topk=topk, head_dim=c["head_dim"], scale=c["scale"])
+    return BiLevelRoutingAttention(
+        dim, n_win=c["n_win"], topk=topk, head_dim=c["head_dim"], scale=c["scale"], impl=c["impl"]
+    )
 
 
 @MODELS.register("biformer")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_sparse import block_sparse_attention
+from kernels.block_sparse.api import Impl
 
 from .attention import CausalSelfAttention
 from .config import LayerContext
@@ -64,8 +65,10 @@ class BiLevelRoutingAttention(nn.Module):
         lce_kernel: int = 5,
         lce_input: Literal["v", "x"] = "v",
         qkv_bias: bool = True,
+        impl: Impl = "auto",
     ):
         super().__init__()
+        self.impl = impl  # kernels.block_sparse implementation
         if dim % head_dim:
             raise ConfigError(f"head_dim: {head_dim} does not divide the width {dim}")
         if not is_all(topk) and not 1 <= topk <= n_win**2:
@@ -98,7 +101,7 @@ class BiLevelRoutingAttention(nn.Module):
             sel = route_regions(qr.detach(), kr.detach(), real, n * n, self.topk)[:, None]  # [B, 1, n², topk]
         heads = lambda t: t.view(B, -1, self.n_heads, self.head_dim)  # noqa: E731  [B, T, h, hd]
         out = block_sparse_attention(
-            heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw, key_mask=real, scale=self.scale
+            heads(qr), heads(kr), heads(vr), sel, block_size=rh * rw, key_mask=real, scale=self.scale, impl=self.impl
         )  # [B, T, h, hd]
         out = out.reshape(B, n, n, rh, rw, C).transpose(2, 3).reshape(B, n * rh, n * rw, C)[:, :H, :W]
         return self.wo(out + lce)
@@ -173,7 +176,9 @@ def causal_routing(
     # slots = the largest union (on the meta device, used only for FLOP counting: its upper bound)
     S = int(used.sum(-1).max()) if q.device.type != "meta" else min(nR, query_block * k_sel + 2)
     count, idx = used.to(torch.int8).topk(S, dim=-1)  # [B, nQ, S]
-    kv_blocks = torch.where(count > 0, idx, -1)
+    # ascending, unused slots last: the core then sums the softmax in position order, as dense attention does
+    kv_blocks = torch.where(count > 0, idx, nR).sort(dim=-1).values
+    kv_blocks = kv_blocks.masked_fill(kv_blocks == nR, -1)
     slot_of = kv_blocks.clamp_min(0).repeat_interleave(query_block, dim=1)[:, :T]  # [B, T, S]
     token_mask = seen.gather(2, slot_of) & (kv_blocks >= 0).repeat_interleave(query_block, dim=1)[:, :T]
     return kv_blocks[:, None], token_mask[:, None]
@@ -197,8 +202,10 @@ class CausalBRA(CausalSelfAttention):
         topk: TopK = 4,
         attend_first: bool = False,
         query_block: Optional[int] = None,
+        impl: Impl = "auto",
     ):
         super().__init__(ctx)
+        self.impl = impl  # kernels.block_sparse implementation
         query_block = query_block or region_size
         if region_size < 1 or region_size % query_block:
             raise ConfigError(f"mixer.query_block: {query_block} must divide mixer.region_size={region_size}")
@@ -217,6 +224,7 @@ class CausalBRA(CausalSelfAttention):
             q_block_size=self.query_block,
             causal=True,
             token_mask=token_mask,
+            impl=self.impl,
         )
 
     def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:

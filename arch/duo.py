@@ -12,9 +12,10 @@ Routes are coded ``SKIP=0, SMALL=1, BIG=2``. Routing modes (``routing:``):
   argmax route at inference. SKIP is a router choice only with ``router_skip: true``.
 * forced     — ``forward(x, route=LongTensor[B, T])`` (the oracles) overrides the mode.
 
-Hard routing computes only the chosen module for each token: tokens are grouped by route (one stable sort),
-gathered, computed and scattered back (a permutation, whose gradient is the inverse permutation), so compute
-follows the route (``python -m train bench duo-ffn`` measures it).
+Hard routing computes only the chosen module for each token: ``kernels.routed_ffn.routed_ffn`` groups the tokens
+by route (one stable sort) and runs each module once on its own tokens, so compute follows the route (``impl``:
+``auto`` = grouped-GEMM Triton kernels on CUDA, sort/gather/compute/scatter in PyTorch on CPU;
+``python -m train bench duo-ffn`` and ``python -m kernels.bench routed_ffn`` measure it).
 
 Attributes written during ``forward`` (read by ``train/`` for the router loss and TensorBoard):
 
@@ -33,21 +34,29 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from kernels.routed_ffn import SwiGLUWeights, routed_ffn
+from kernels.routed_ffn.api import Impl
+from kernels.routed_ffn.naive import BIG, SKIP, SMALL
+
 from .config import LayerContext
 from .mlp import MLP, default_d_ff
 from .registry import FFNS, ConfigError
 
-SKIP, SMALL, BIG = 0, 1, 2
 ROUTE_NAMES = ("skip", "small", "big")
 
 
 @FFNS.register("duo")
 class DuoFFN(nn.Module):
-    """big: SwiGLU MLP with ``d_ff``; small: SwiGLU MLP with ``d_ff // small_ratio`` (the paper: 10240 / 640)."""
+    """big: SwiGLU MLP with ``d_ff``; small: SwiGLU MLP with ``d_ff // small_ratio`` (the paper: 10240 / 640).
+
+    ``big`` (optional): an existing FFN ([.., D] -> [.., D], hidden width ``d_ff``) to use as the big module, e.g. a
+    pretrained model's MLP (``arch.interop.swap_mlp``); the small module is always new.
+    """
 
     def __init__(
         self,
         ctx: LayerContext,
+        big: Optional[nn.Module] = None,
         *,
         d_ff: Optional[int] = None,
         small_ratio: int = 16,
@@ -56,8 +65,10 @@ class DuoFFN(nn.Module):
         p_skip: float = 0.0,
         fixed_routes: Optional[list[Literal["skip", "small", "big"]]] = None,
         router_skip: bool = False,
+        impl: Impl = "auto",
     ):
         super().__init__()
+        self.impl = impl  # kernels.routed_ffn implementation of hard routing
         where = f"model.ffn (duo, layer {ctx.layer_idx})"
         d_ff = d_ff or default_d_ff(ctx.d_model, "swiglu")
         if small_ratio < 1 or d_ff % small_ratio:
@@ -75,7 +86,7 @@ class DuoFFN(nn.Module):
             raise ConfigError(f"{where}.fixed_routes: only used with routing 'fixed' (routing is {routing!r})")
         self.routing, self.p_big_random, self.p_skip_random, self.router_skip = routing, p_big, p_skip, router_skip
         self.fixed_route = ROUTE_NAMES.index(fixed_routes[ctx.layer_idx]) if routing == "fixed" else None
-        self.big = MLP(ctx, d_ff=d_ff)  # [B, T, D] -> [B, T, D]
+        self.big = MLP(ctx, d_ff=d_ff) if big is None else big  # [B, T, D] -> [B, T, D]
         self.small = MLP(ctx, d_ff=d_ff // small_ratio)
         # Every duo layer has a router (trained and used only by routing 'router'), so checkpoints of all modes
         # share weights: a stage-1 (random) checkpoint initialises a stage-3 (router) model exactly.
@@ -128,39 +139,17 @@ class DuoFFN(nn.Module):
         """Each token through its own route only (x [B, T, D], route [B, T] in {SKIP, SMALL, BIG})."""
         if x.is_meta:  # shape-only pass (FLOP counting on the meta device): the all-big upper bound
             return self.big(x)
-        flat_x, flat_r = x.flatten(0, 1), route.flatten()  # [N, D], [N]
-        counts = torch.bincount(flat_r, minlength=len(ROUTE_NAMES))  # [3]
-        self.route_fraction = counts.float() / flat_r.numel()
-        n_skip, n_small, n_big = counts.tolist()
-        if n_skip == len(flat_r):
-            return torch.zeros_like(x)
-        if n_small == len(flat_r) or n_big == len(flat_r):  # every token on one module: no gather/scatter
-            return (self.small if n_small else self.big)(x)
-        order = flat_r.argsort(stable=True)  # token indices grouped by route: SKIP, then SMALL, then BIG
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        xs = permute_rows(flat_x, order, inverse)  # [N, D] gathered
-        ys = [xs.new_zeros(n_skip, xs.shape[1])]  # SKIP: exactly zero, nothing computed
-        ys += [self.small(xs[n_skip : n_skip + n_small])] if n_small else []
-        ys += [self.big(xs[n_skip + n_small :])] if n_big else []
-        ys = torch.cat(ys)  # [N, D] in route order
-        return permute_rows(ys, inverse, order).view_as(x)  # scattered back
+        counts = torch.bincount(route.flatten(), minlength=len(ROUTE_NAMES))  # [3]
+        self.route_fraction = counts.float() / route.numel()
+        weights = [swiglu_weights(m) for m in (self.small, self.big)]  # None for a foreign module (e.g. a HF MLP)
+        modules = weights if all(w is not None for w in weights) else [self.small, self.big]
+        return routed_ffn(x, route, *modules, impl=self.impl)  # [B, T, D]
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` whose gradient is the gather ``grad[inverse]``, not a scatter-add (slow on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` [N, D] in the order ``perm`` (a permutation of N; ``inverse`` its inverse)."""
-    return _PermuteRows.apply(x, perm, inverse)
+def swiglu_weights(m: nn.Module) -> SwiGLUWeights | None:
+    """The SwiGLU weights of one of our bias-free SwiGLU MLPs (what the Triton kernels take); None for any other
+    module, which then runs as itself on its tokens."""
+    linears = [getattr(m, name, None) for name in ("w1", "w3", "w2")]
+    if all(isinstance(lin, nn.Linear) and lin.bias is None for lin in linears):
+        return SwiGLUWeights(m.w1.weight, m.w3.weight, m.w2.weight)
+    return None

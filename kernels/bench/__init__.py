@@ -6,4 +6,4 @@ runs the kernel benchmarks registered by the modules of ``KERNEL_BENCHMARKS``; `
 these and the model-level benchmarks that ``train`` registers.
 """
 
-KERNEL_BENCHMARKS = ("kernels.bench.block_sparse",)
+KERNEL_BENCHMARKS = ("kernels.bench.block_sparse", "kernels.bench.pattention", "kernels.bench.routed_ffn")

@@ -4,7 +4,12 @@ Batch 1, ``H`` query heads over ``Hkv`` key/value heads of ``hd`` dims; every qu
 sees its own (diagonal) block and ``selected - 1`` earlier key blocks drawn at random (fixed seed), the same
 selection for all heads. Implementations:
 
-* ``block-sparse``: ``kernels.block_sparse.block_sparse_attention`` (``impl="auto"``);
+* ``block-sparse``: ``kernels.block_sparse.block_sparse_attention`` (``impl="auto"``: on CUDA the Triton
+  kernels plus building the selection's metadata, on CPU the PyTorch path);
+* ``triton``: the Triton kernels alone, on metadata built beforehand (CUDA only);
+* ``triton metadata``: building that metadata alone (``metadata.build_layout``: the tile lists and their
+  transposed CSR), once per selection (CUDA only; one build serves forward and backward, so both columns time
+  the same call);
 * ``dense SDPA``: causal ``scaled_dot_product_attention`` over all keys (fused; flash on CUDA);
 * ``flex``: FlexAttention compiled, with the same selection as its BlockMask (skipped where it does not compile);
 * ``naive``: the definition, masked softmax with the T×T scores materialised (only up to T = 4096).
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.block_sparse import block_sparse_attention
-from kernels.block_sparse.reference import dense_mask, reference_attention
+from kernels.block_sparse.naive import dense_mask, reference_attention
 
 from .registry import Benchmark, register
 
@@ -47,6 +52,8 @@ def attended_pairs(size: dict) -> int:
 
 def flops(size: dict, impl: str, mode: str) -> float:
     H, hd, T, bs = size["H"], size["hd"], size["T"], size["block"]
+    if impl == "triton metadata":
+        return None
     fwd = 4 * hd * H * (T * T / 2 if impl == "dense SDPA" else attended_pairs(size) * bs * bs)
     return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
 
@@ -60,6 +67,24 @@ def setup(size: dict, impl: str, mode: str, device: str, dtype: torch.dtype):
     sel = selection(T, bs, size["selected"]).to(device)
     if impl == "block-sparse":
         attn = functools.partial(block_sparse_attention, kv_blocks=sel, block_size=bs, causal=True)
+        fn = lambda: attn(q, k, v)  # noqa: E731
+    elif impl in ("triton", "triton metadata"):
+        from kernels.block_sparse.triton import build_layout, triton_block_sparse_attention
+
+        build = functools.partial(build_layout, sel, T, T, block_size=bs, q_block_size=bs, causal=True)
+        if impl == "triton metadata":
+            return build
+        attn = functools.partial(
+            triton_block_sparse_attention,
+            kv_blocks=sel,
+            block_size=bs,
+            q_block_size=bs,
+            causal=True,
+            token_mask=None,
+            key_mask=None,
+            scale=hd**-0.5,
+            layout=build(),
+        )
         fn = lambda: attn(q, k, v)  # noqa: E731
     elif impl == "dense SDPA":
         fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
@@ -100,6 +125,12 @@ def _flex(q, k, v, sel, bs: int):
     return lambda: compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=H != Hkv)
 
 
+def skip(impl: str, device: str, dtype: str) -> str | None:
+    if impl.startswith("triton") and device != "cuda":
+        return "the Triton kernels run on CUDA (on CPU only in the interpreter, for tests)"
+    return None
+
+
 def sizes(device: str) -> list[dict]:
     if device == "cuda":  # 1/8 of the key blocks (causal: fewer for the first rows), head dim 128
         return [{"T": T, "H": 16, "Hkv": 16, "hd": 128, "block": 128, "selected": T // 128 // 8} for T in (8192, 32768)]
@@ -112,9 +143,10 @@ register(
         description="block-sparse attention on a fixed causal selection vs dense attention",
         setup=setup,
         sizes=sizes,
-        impls=("block-sparse", "dense SDPA", "flex", "naive"),
+        impls=("block-sparse", "triton", "triton metadata", "dense SDPA", "flex", "naive"),
         baselines=("dense SDPA", "flex"),
         flops=flops,
         flops_label="TFLOP/s (dense-equiv.)",
+        skip=skip,
     )
 )

@@ -27,7 +27,7 @@ class Benchmark:
     impls: tuple[str, ...]  # implementations, ours first
     baselines: tuple[str, ...] = ()  # the implementations every other one is compared with
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
-    flops: Callable[[dict, str, str], float] | None = None  # (size, impl, mode) -> FLOPs of one call
+    flops: Callable[[dict, str, str], float | None] | None = None  # (size, impl, mode) -> FLOPs of one call
     flops_label: str = "TFLOP/s"  # what `flops` counts, e.g. "dense-equivalent TFLOP/s"
     skip: Callable[[str, str, str], str | None] | None = None  # (impl, device, dtype) -> reason to skip, or None
     dtype: Callable[[str], str] = lambda device: "bfloat16" if device == "cuda" else "float32"

@@ -95,8 +95,9 @@ def run_benchmark(
             for mode in bench.modes:
                 s = times.get(f"{impl}|{mode}")
                 row["ms"][mode] = None if s is None else 1e3 * s
-                if s is not None and bench.flops:
-                    row["flops_per_s"][mode] = bench.flops(size, impl, mode) / s
+                flops = bench.flops(size, impl, mode) if s is not None and bench.flops else None
+                if flops is not None:  # None: a cell without arithmetic to rate (e.g. building metadata)
+                    row["flops_per_s"][mode] = flops / s
                 if memory and s is not None:
                     b, e = _fresh(
                         "memory_cell", bench.module, bench.name, size, impl, mode, device, dtype, threads=threads

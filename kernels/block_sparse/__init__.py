@@ -1,138 +1,16 @@
 """Block-sparse attention: the one sparse-attention routine that every key selector uses.
 
 A selector (2-D BRA, 1-D causal BRA, DHSA, fixed block-sparse) decides, for each block of queries, which key
-blocks it may see, plus optionally which of those each query inside the block may see; this module computes
-softmax attention restricted to exactly those keys. ``reference.py`` is the definition (a dense boolean mask);
-``chunked.py`` is the memory-frugal PyTorch implementation used for training, ``per_query.py`` its variant for
-selections made per query (``q_block_size=1``), ``inference.py`` the forward-only path for one selection shared by
-all heads when no gradient is needed; a Triton kernel will dispatch here on CUDA, behind the same call.
+blocks it may see, plus optionally which of those each query inside the block may see; this package computes
+softmax attention restricted to exactly those keys, through one entry, ``block_sparse_attention`` (``api.py``):
+
+* ``naive.py``: the definition (a dense boolean mask, then masked softmax), ``impl="naive"``;
+* ``pytorch.py``: ``impl="torch"``, dispatching per call among ``chunked.py`` (memory-frugal training path),
+  ``per_query.py`` (``q_block_size=1``) and ``inference.py`` (forward only, one selection for all heads);
+* ``triton.py`` + ``metadata.py``: ``impl="triton"``, FlashAttention-style kernels over the selected key tiles
+  (forward, dk/dv through the transposed tile lists, dq in its own pass), and the per-selection tile lists.
 """
 
-from __future__ import annotations
-
-import math
-
-import torch
-import torch.nn.functional as F
-
-from .chunked import BlockSparseAttention
-from .inference import shared_selection_attention
-from .per_query import per_query_attention
-
-
-def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_blocks: torch.Tensor,
-    *,
-    block_size: int,
-    q_block_size: int | None = None,
-    causal: bool = False,
-    token_mask: torch.Tensor | None = None,
-    key_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Softmax attention of each query over the key blocks selected for its query block.
-
-    q: [B, Tq, H, hd]; k, v: [B, Tk, Hkv, hd] (H a multiple of Hkv: grouped-query attention).
-    kv_blocks: LongTensor [B, Hs, ceil(Tq / q_block_size), S]: key-block indices (blocks of ``block_size``
-        keys) for each query block (blocks of ``q_block_size`` queries, default ``block_size``); Hs = 1 (one
-        selection shared by all heads) or H; -1 marks an unused slot. A block must not appear twice in a row.
-    causal: query i never sees key j > i (positions count from 0 in both q and k).
-    token_mask: BoolTensor [B, Hs, Tq, S]: whether query i sees the block in slot s of its query block, for
-        selections that differ between the queries of one block.
-    key_mask: BoolTensor [B, Tk]: False = that key is never seen (padding).
-    scale: default hd**-0.5.
-    Keys beyond Tk in the last, partial block are masked. A query that sees no key outputs zeros.
-    Returns [B, Tq, H, hd].
-    """
-    B, Tq, H, hd = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
-    bs, qbs = block_size, q_block_size or block_size
-    nqb, nkb = math.ceil(Tq / qbs), math.ceil(Tk / bs)
-    Hs, S = kv_blocks.shape[1], kv_blocks.shape[3]
-    if kv_blocks.shape[:3] != (B, Hs, nqb) or Hs not in (1, H):
-        raise ValueError(f"kv_blocks: expected shape [{B}, 1 or {H}, {nqb}, S], got {list(kv_blocks.shape)}")
-    key_ok = torch.arange(nkb * bs, device=q.device) < Tk
-    key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
-    scale = hd**-0.5 if scale is None else scale
-    if (
-        Hs == 1
-        and qbs > 1
-        and q.device.type != "meta"
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    ):
-        return _shared_selection(q, k, v, kv_blocks[:, 0], bs, qbs, causal, token_mask, key_ok, scale)
-    if H != Hkv:
-        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-    N = B * H
-
-    def blocks(x, n, size):  # [B, T, H, hd] -> [N, n, size, hd], zero-padded to n·size
-        x = F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1]))
-        return x.view(B, n, size, H, hd).permute(0, 3, 1, 2, 4).reshape(N, n, size, hd)
-
-    idx = kv_blocks.expand(B, H, nqb, S).reshape(N, nqb, S)
-    slot_ok, idx = idx >= 0, idx.clamp_min(0)
-    if token_mask is not None:
-        token_mask = F.pad(token_mask, (0, 0, 0, nqb * qbs - Tq))  # [B, Hs, nqb·qbs, S]
-        token_mask = token_mask.view(B, Hs, nqb, qbs, S).expand(B, H, nqb, qbs, S).reshape(N, nqb, qbs, S)
-    key_ok = key_ok.view(B, 1, nkb, bs).expand(B, H, nkb, bs).reshape(N, nkb, bs)
-    if qbs == 1 and q.device.type != "meta":  # per-query selections: group queries by key block (the meta
-        # device, used for FLOP counting, cannot run its data-dependent grouping and takes the chunked path)
-        ok = slot_ok if token_mask is None else slot_ok & token_mask.view(N, nqb, S)
-        out = per_query_attention(
-            blocks(q, nqb, 1).view(N, Tq, hd),
-            blocks(k, nkb, bs),
-            blocks(v, nkb, bs),
-            torch.where(ok, idx, -1),
-            key_ok,
-            causal,
-            scale,
-        )
-        return out.view(B, H, Tq, hd).transpose(1, 2)
-    chunk = max(1, nkb // max(2 * S, 1))  # query blocks per chunk: gathered keys ~ Tk / 2
-    # the Triton kernel (CUDA) will dispatch here; the PyTorch implementation runs everywhere
-    out = BlockSparseAttention.apply(
-        blocks(q, nqb, qbs),
-        blocks(k, nkb, bs),
-        blocks(v, nkb, bs),
-        idx,
-        slot_ok,
-        token_mask,
-        key_ok,
-        causal,
-        scale,
-        chunk,
-    )  # [N, nqb, qbs, hd]
-    return out.view(B, H, nqb * qbs, hd)[:, :, :Tq].transpose(1, 2)
-
-
-def _shared_selection(q, k, v, idx, bs, qbs, causal, token_mask, key_ok, scale):
-    """Forward only, one selection for all heads (idx [B, nqb, S], key_ok [B, nkb·bs]):
-    ``inference.shared_selection_attention`` on its layout."""
-    B, Tq, H, hd = q.shape
-    nqb, S, nkb = idx.shape[1], idx.shape[2], key_ok.shape[1] // bs
-
-    def pad(x, n, size):  # [B, T, h, hd] -> [B, n, size, h, hd]; a view when T = n·size
-        x = x if x.shape[1] == n * size else F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1]))
-        return x.view(B, n, size, *x.shape[2:])
-
-    if token_mask is not None:
-        token_mask = F.pad(token_mask[:, 0], (0, 0, 0, nqb * qbs - Tq)).view(B, nqb, qbs, S)
-    out = shared_selection_attention(
-        pad(q, nqb, qbs),
-        pad(k, nkb, bs),
-        pad(v, nkb, bs),
-        idx.clamp_min(0),
-        idx >= 0,
-        token_mask,
-        key_ok.view(B, nkb, bs),
-        causal,
-        scale,
-        max(1, nkb // max(8 * S, 1)),  # gathered keys ~ Tk / 8
-    )  # [B, nqb, qbs, H, hd]
-    return out.view(B, nqb * qbs, H, hd)[:, :Tq]
-
+from .api import block_sparse_attention
 
 __all__ = ["block_sparse_attention"]

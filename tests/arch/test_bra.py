@@ -6,7 +6,7 @@ import torch
 
 import arch
 from arch.bra import AttentionLePE, BiLevelRoutingAttention, CausalBRA, causal_routing
-from kernels.block_sparse.reference import reference_attention
+from kernels.block_sparse.naive import reference_attention
 
 from .reference_bra import reference_bra, region_ids
 

@@ -281,3 +281,36 @@ def test_paper_configs_have_the_released_shapes(name, n_layers, d, n_heads, nomi
     # tied embedding, per layer 4 Pattentions of d key + d value tokens of width d and one of 4d, final LayerNorm
     assert n == 50432 * d + n_layers * (4 * 2 * d * d + 2 * 4 * d * d) + 2 * d
     assert abs(n / nominal - 1) <= 0.06, n  # the paper's nominal size
+
+
+def with_norm(norm: str, impl: str = "auto") -> dict:
+    return {
+        "proj": {"type": "pattention", "qkv_tokens": 12, "proj_tokens": 20, "norm": norm, "impl": impl},
+        "ffn": {"type": "pattention", "n_tokens": 40, "norm": norm, "impl": impl},
+    }
+
+
+@pytest.mark.parametrize("norm", ["l2_gelu", "l1_gelu"])
+def test_growth_is_exact_under_l2_and_l1_norms(norm):
+    model = tokenformer(**with_norm(norm)).eval()
+    assert model.blocks[0].ffn.norm == norm
+    assert float(model.blocks[0].ffn.tau) == pytest.approx(math.sqrt(40) if norm == "l2_gelu" else 40)
+    x = torch.randint(0, 256, (3, 24))
+    grown = arch.grow(model, scale=2).eval()
+    assert grown.blocks[0].ffn.n_tokens == 80
+    assert (grown(x) - model(x)).abs().max().item() <= 1e-6
+
+
+def test_softmax_norm_refuses_to_grow():
+    model = tokenformer(**with_norm("softmax"))
+    x = torch.randint(0, 256, (2, 24))
+    assert torch.isfinite(model(x)).all()
+    with pytest.raises(arch.ConfigError, match="cannot grow a Pattention with norm 'softmax'"):
+        arch.grow(model, scale=2)
+
+
+def test_pattention_impl_is_a_checked_config_key():
+    model = tokenformer(**with_norm("l2_gelu", impl="naive"))
+    assert {m.impl for m in model.modules() if isinstance(m, Pattention)} == {"naive"}
+    with pytest.raises(arch.ConfigError, match="impl"):
+        tokenformer(**with_norm("l2_gelu", impl="cuda"))

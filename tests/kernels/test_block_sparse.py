@@ -1,108 +1,163 @@
-"""The block-sparse attention core against its dense-mask definition: outputs and dq, dk, dv."""
+"""block_sparse_attention: every implementation against the dense-mask definition (outputs and dq, dk, dv),
+the full causal selection against dense causal SDPA, the Triton tile metadata against a brute-force count."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.block_sparse import block_sparse_attention
-from kernels.block_sparse.reference import dense_mask, gather_attention, reference_attention
+from kernels.block_sparse.metadata import build_layout
+from kernels.block_sparse.naive import dense_mask, gather_attention, reference_attention
+from kernels.common import poisoned_outputs
+
+from .conftest import DEVICE, IMPL_DTYPES, check
 
 
-def random_selection(g, B, Hs, nqb, nkb, S, causal=False, qbs=None, bs=None):
-    """S distinct key blocks per query block (causal: only blocks that start at or before the block's last
-    query), some slots unused (-1)."""
+def random_selection(g, B, Hs, nqb, nkb, S, causal=False, qbs=None, bs=None, min_blocks=1):
+    """Between ``min_blocks`` and S distinct key blocks per query block (causal: only blocks that start at or
+    before the block's last query), the other slots unused (-1)."""
     sel = torch.full((B, Hs, nqb, S), -1, dtype=torch.long)
     for b in range(B):
         for h in range(Hs):
             for i in range(nqb):
                 n_allowed = min(nkb, ((i + 1) * qbs - 1) // bs + 1) if causal else nkb
-                n = int(torch.randint(1, min(S, n_allowed) + 1, (1,), generator=g))
+                n = int(torch.randint(min_blocks, min(S, n_allowed) + 1, (1,), generator=g))
                 sel[b, h, i, :n] = torch.randperm(n_allowed, generator=g)[:n]
     return sel
 
 
-CASES = [  # B, H, Hkv, Tq, hd, block_size, q_block_size, S, Hs, causal, token_mask, key_mask
+CASES = [  # B, H, Hkv, T, hd, block_size, q_block_size, S, Hs, causal, token_mask, key_mask
+    (1, 1, 1, 1, 8, 4, None, 1, 1, False, False, False),  # T = 1
     (1, 1, 1, 16, 8, 4, None, 2, 1, False, False, False),
-    (2, 3, 3, 29, 8, 8, None, 3, 1, False, False, True),  # T not a multiple of the block
+    (2, 3, 3, 29, 8, 8, None, 3, 1, False, False, True),  # T not a multiple of the block, key mask
     (2, 4, 4, 37, 16, 8, None, 3, 4, True, False, False),  # per-head selection, causal
     (3, 2, 1, 45, 8, 16, 4, 3, 2, True, True, False),  # GQA, small query blocks, per-token mask
-    (1, 4, 2, 50, 4, 7, 5, 4, 1, False, True, True),
-    (2, 2, 2, 27, 8, 4, 1, 3, 2, True, False, True),  # per-query selections (grouped by key block)
+    (1, 4, 2, 50, 4, 7, 5, 4, 1, False, True, True),  # odd block sizes
+    (2, 2, 2, 27, 8, 4, 1, 3, 2, True, False, True),  # per-query selections (1-D causal BRA, query_block 1)
     (1, 3, 1, 30, 8, 8, 1, 2, 1, False, True, False),
+    (1, 2, 1, 100, 64, 1, 32, 40, 1, True, False, False),  # one key per slot (DHSA)
+    (2, 2, 2, 150, 32, 64, 16, 3, 1, True, True, False),  # causal BRA: regions of 64, query blocks of 16
+    (1, 2, 2, 196, 32, 49, None, 2, 1, False, False, True),  # 2-D BRA: 7×7 regions, padding masked
 ]
+IDS = "B{}H{}kv{}T{}hd{}bs{}qbs{}S{}Hs{}c{}tm{}km{}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}T{}hd{}bs{}qbs{}S{}Hs{}c{}tm{}km{}".format(*c))
-def test_matches_dense_mask_reference(case):
+def make_case(case, dtype, min_blocks=1):
     B, H, Hkv, T, hd, bs, qbs, S, Hs, causal, use_tm, use_km = case
     g = torch.Generator().manual_seed(hash(case) % 2**31)
-    q = torch.randn(B, T, H, hd, generator=g, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(B, T, Hkv, hd, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q = torch.randn(B, T, H, hd, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(B, T, Hkv, hd, generator=g).to(DEVICE, dtype) for _ in range(2))
     qb = qbs or bs
     nqb, nkb = math.ceil(T / qb), math.ceil(T / bs)
-    sel = random_selection(g, B, Hs, nqb, nkb, S, causal, qb, bs)
-    tm = torch.rand(B, Hs, T, S, generator=g) < 0.7 if use_tm else None
-    km = torch.rand(B, T, generator=g) < 0.8 if use_km else None
-    out = block_sparse_attention(
-        q, k, v, sel, block_size=bs, q_block_size=qbs, causal=causal, token_mask=tm, key_mask=km, scale=0.3
+    sel = random_selection(g, B, Hs, nqb, nkb, S, causal, qb, bs, min_blocks).to(DEVICE)
+    tm = (torch.rand(B, Hs, T, S, generator=g) < 0.7).to(DEVICE) if use_tm else None
+    km = (torch.rand(B, T, generator=g) < 0.8).to(DEVICE) if use_km else None
+    kw = dict(block_size=bs, q_block_size=qbs, causal=causal, token_mask=tm, key_mask=km, scale=0.3)
+    return (q, k, v), sel, kw
+
+
+def attention_and_grads(qkv, sel, kw, impl, dout):
+    qkv = [t.detach().requires_grad_() for t in qkv]
+    with poisoned_outputs():
+        out = block_sparse_attention(*qkv, sel, impl=impl, **kw)
+        grads = torch.autograd.grad(out, qkv, dout.to(out.dtype))
+    return out, grads
+
+
+@pytest.mark.parametrize("impl, dtype", IMPL_DTYPES, ids=lambda x: str(x).removeprefix("torch."))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: IDS.format(*c))
+def test_matches_naive(case, impl, dtype):
+    qkv, sel, kw = make_case(case, dtype)
+    q64 = [t.double() for t in qkv]
+    dout = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    ref, ref_grads = attention_and_grads(q64, sel, kw, "naive", dout)
+    mask = dense_mask(
+        sel,
+        case[3],
+        case[3],
+        case[1],
+        kw["block_size"],
+        kw["q_block_size"] or kw["block_size"],
+        kw["causal"],
+        kw["token_mask"],
+        kw["key_mask"],
     )
-    mask = dense_mask(sel, T, T, H, bs, qb, causal, tm, km)
-    assert mask.any(-1).float().mean() > 0.5  # most queries see something: the test is not vacuous
-    rep = H // Hkv
-    ref = reference_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), mask, scale=0.3)
-    torch.testing.assert_close(out, ref)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
-    for name, a, b in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"d{name}: {m}")
-    if Hs == 1:  # the forward-only path for a selection shared by all heads (inference)
+    assert mask.any(-1).float().mean() > 0.3  # many queries see something: the test is not vacuous
+    out, grads = attention_and_grads(qkv, sel, kw, impl, dout)
+    assert out.dtype == dtype
+    check("block_sparse_attention", impl, dtype, "out", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check("block_sparse_attention", impl, dtype, name, a, b)
+    if impl == "torch" and kw["q_block_size"] != 1 and sel.shape[1] == 1:  # torch's forward-only path
         with torch.no_grad():
-            out = block_sparse_attention(
-                q, k, v, sel, block_size=bs, q_block_size=qbs, causal=causal, token_mask=tm, key_mask=km, scale=0.3
+            check(
+                "block_sparse_attention",
+                impl,
+                dtype,
+                "out (no grad)",
+                block_sparse_attention(*qkv, sel, impl=impl, **kw),
+                ref,
             )
-        torch.testing.assert_close(out, ref.detach())
 
 
-def test_gradcheck_small():
+def test_some_rows_select_no_block():
+    """The cases above draw 1..S blocks; here many query blocks select none (all slots -1)."""
+    case = (2, 2, 1, 70, 16, 8, 16, 3, 2, True, False, False)
+    qkv, sel, kw = make_case(case, torch.float32, min_blocks=0)
+    assert (sel < 0).all(-1).any()
+    dout = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(DEVICE)
+    ref, ref_grads = attention_and_grads([t.double() for t in qkv], sel, kw, "naive", dout)
+    for impl in ("torch", "triton"):  # block indices as int32 here
+        out, grads = attention_and_grads(qkv, sel.int(), kw, impl, dout)
+        check("block_sparse_attention", impl, torch.float32, "out", out, ref)
+        for a, b in zip(grads, ref_grads):
+            check("block_sparse_attention", impl, torch.float32, "grad", a, b)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("hd, T, bs", [(64, 100, 32), (128, 77, 16)])
+def test_every_causal_block_selected_is_dense_causal_sdpa(impl, hd, T, bs):
+    """Output AND dq, dk, dv (published block-sparse backwards have shipped wrong gradients with an exact
+    forward): full selection = dense causal attention, ragged T, GQA."""
+    g = torch.Generator().manual_seed(hd + T)
+    B, H, Hkv = 2, 4, 2
+    q = torch.randn(B, T, H, hd, generator=g).to(DEVICE)
+    k, v = (torch.randn(B, T, Hkv, hd, generator=g).to(DEVICE) for _ in range(2))
+    n = math.ceil(T / bs)
+    sel = torch.arange(n, device=DEVICE).expand(B, 1, n, n)
+    dout = torch.randn(B, T, H, hd, generator=g, dtype=torch.float64).to(DEVICE)
+    out, grads = attention_and_grads((q, k, v), sel, dict(block_size=bs, causal=True), impl, dout)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(
+        q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    check("block_sparse_attention", impl, torch.float32, "out vs SDPA", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check("block_sparse_attention", impl, torch.float32, f"{name} vs SDPA", a, b)
+
+
+def test_gradcheck_small_torch_path():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 11, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     sel = torch.tensor([[[[0, 2], [1, -1], [2, 0]]]])
-    fn = lambda q, k, v: block_sparse_attention(q, k, v, sel, block_size=4, causal=True)  # noqa: E731
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, sel, block_size=4, causal=True, impl="torch")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_selecting_every_block_is_dense_attention(causal):
-    g = torch.Generator().manual_seed(1)
-    B, T, H, hd, bs = 2, 50, 3, 16, 8
-    q, k, v = (torch.randn(B, T, H, hd, generator=g) for _ in range(3))
-    n = math.ceil(T / bs)
-    sel = torch.arange(n).expand(B, 1, n, n)
-    out = block_sparse_attention(q, k, v, sel, block_size=bs, causal=causal)
-    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal).transpose(1, 2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_float32_and_float16_inputs_match_reference():
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 24, 2, 8, generator=g) for _ in range(3))
-    sel = torch.tensor([[0, 2], [1, 0], [2, 1]]).expand(2, 1, 3, 2)
-    ref = reference_attention(q, k, v, dense_mask(sel, 24, 24, 2, 8, 8))
-    torch.testing.assert_close(block_sparse_attention(q, k, v, sel, block_size=8), ref, rtol=1e-5, atol=1e-5)
-    half = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel, block_size=8)
-    assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), ref, rtol=0.05, atol=0.05)
-
-
-def test_query_that_sees_nothing_outputs_zero_and_gets_zero_grad():
-    q, k, v = (torch.randn(1, 8, 1, 4, requires_grad=True) for _ in range(3))
-    sel = torch.tensor([[[[1], [-1]]]])  # second query block: no key block
-    out = block_sparse_attention(q, k, v, sel, block_size=4)
+@pytest.mark.parametrize("impl", ["naive", "torch", "triton"])
+def test_query_that_sees_nothing_outputs_zero_and_gets_zero_grad(impl):
+    q, k, v = (torch.randn(1, 8, 1, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    sel = torch.tensor([[[[1], [-1]]]], device=DEVICE)  # second query block: no key block
+    with poisoned_outputs():
+        out = block_sparse_attention(q, k, v, sel, block_size=4, impl=impl)
+        out.sum().backward()
     assert torch.equal(out[:, 4:], torch.zeros_like(out[:, 4:]))
-    out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, 4:], torch.zeros_like(q.grad[:, 4:]))
     assert torch.equal(k.grad[:, :4], torch.zeros_like(k.grad[:, :4]))  # key block 0 was never selected
 
@@ -118,7 +173,76 @@ def test_gather_reference_matches_dense_mask_reference():
         torch.testing.assert_close(gather_attention(q, k, v, sel, block_size=bs, key_mask=km), ref)
 
 
-def test_bad_selection_shape_is_a_clear_error():
+@pytest.mark.parametrize("case", [CASES[4], CASES[6], CASES[8], CASES[9]], ids=lambda c: IDS.format(*c))
+def test_tile_metadata_matches_brute_force(case):
+    """Every (selection, query tile, key tile) entry, its bits, per-query bits and ``full`` flag against the
+    dense mask; the transposed list holds the same pairs, grouped by key tile."""
+    B, H, Hkv, T, hd, bs, qbs, S, Hs, causal, _, _ = case
+    _, sel, kw = make_case(case, torch.float32)
+    qb = qbs or bs
+    lay = build_layout(sel, T, T, **{**{k: v for k, v in kw.items() if k != "scale"}, "q_block_size": qb})
+    seen = dense_mask(sel, T, T, Hs, bs, qb, causal, kw["token_mask"], kw["key_mask"])  # [B, Hs, T, T]
+    KT, nt, nkt = lay.KT, lay.n_qtiles, lay.n_ktiles
+    seen = F.pad(seen, (0, nkt * KT - T)).view(B, Hs, T, nkt, KT)
+    pack = lambda m: _signed(sum(1 << c for c in range(KT) if m[c]))  # noqa: E731  bool [KT] -> int64 bits
+    row_ptr, kts, bits = lay.row_ptr.tolist(), lay.e_ktile.tolist(), lay.e_bits.tolist()
+    want_pairs, got_pairs = set(), set()
+    for g in range(B * Hs):
+        b, h = divmod(g, Hs)
+        for t in range(nt):
+            m = seen[b, h, int(lay.q_start[t]) : int(lay.q_end[t])]  # [rows, nkt, KT]
+            got = {kts[e]: e for e in range(row_ptr[g * nt + t], row_ptr[g * nt + t + 1])}
+            assert set(got) == {j for j in range(nkt) if m[:, j].any()}, (g, t)
+            for j, e in got.items():
+                assert bits[e] == pack(m[:, j].any(0)), (g, t, j)
+                assert bool(lay.e_full[e]) == bool(m[:, j].all()), (g, t, j)
+                if lay.e_rowbits is not None:
+                    assert lay.e_rowbits[e, : len(m)].tolist() == [pack(row) for row in m[:, j]], (g, t, j)
+                want_pairs.add((g, j, t))
+    col_ptr, tq = lay.col_ptr.tolist(), lay.t_qtile.tolist()
+    for g in range(B * Hs):
+        for j in range(nkt):
+            ts = tq[col_ptr[g * nkt + j] : col_ptr[g * nkt + j + 1]]
+            assert ts == sorted(ts)
+            got_pairs |= {(g, j, t) for t in ts}
+            assert all(kts[e] == j for e in lay.t_entry[col_ptr[g * nkt + j] : col_ptr[g * nkt + j + 1]].tolist())
+    assert got_pairs == want_pairs
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def test_bad_arguments_are_clear_errors():
     q = torch.randn(1, 16, 2, 4)
-    with pytest.raises(ValueError, match="kv_blocks"):
+    sel = torch.zeros(1, 1, 4, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="kv_blocks: expected shape"):
         block_sparse_attention(q, q, q, torch.zeros(1, 1, 3, 1, dtype=torch.long), block_size=4)
+    with pytest.raises(ValueError, match=r"block indices must be in \[0, 4\)"):
+        block_sparse_attention(q, q, q, sel + 4, block_size=4)
+    with pytest.raises(ValueError, match="one dtype"):
+        block_sparse_attention(q, q.double(), q, sel, block_size=4)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        block_sparse_attention(q, torch.randn(1, 16, 3, 4), torch.randn(1, 16, 3, 4), sel, block_size=4)
+    with pytest.raises(ValueError, match="token_mask: expected bool"):
+        block_sparse_attention(q, q, q, sel, block_size=4, token_mask=torch.ones(1, 1, 16, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_mask: expected bool"):
+        block_sparse_attention(q, q, q, sel, block_size=4, key_mask=torch.ones(1, 16))
+    with pytest.raises(ValueError, match="impl='cuda' is not one of"):
+        block_sparse_attention(q, q, q, sel, block_size=4, impl="cuda")
+    with pytest.raises(ValueError, match="impl='triton' does not take torch.float64"):
+        block_sparse_attention(q.double(), q.double(), q.double(), sel, block_size=4, impl="triton")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only behaviour")
+def test_auto_is_torch_on_cpu_and_triton_needs_the_interpreter():
+    code = (
+        "import torch\nfrom kernels.block_sparse import block_sparse_attention\n"
+        "q = torch.randn(1, 8, 1, 16); sel = torch.zeros(1, 1, 2, 1, dtype=torch.long)\n"
+        "block_sparse_attention(q, q, q, sel, block_size=4)\n"
+        "try:\n    block_sparse_attention(q, q, q, sel, block_size=4, impl='triton')\n"
+        "except RuntimeError as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr

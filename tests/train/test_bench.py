@@ -20,6 +20,8 @@ TINY = {
     "dhsa-prefill": {"T": 256, "budget": 64, "chunk": 16, "query_block": 32},
     "duo-ffn": {"d_model": 32, "tokens": 64},
     "duo-oracle": {"layers": 2, "d_model": 16, "batch": 1, "seq_len": 16},
+    "pattention": {"tokens": 64, "d": 16, "n": 32},
+    "routed_ffn": {"tokens": 64, "D": 16, "d_ff": 64, "p_big": 0.25},
 }
 
 

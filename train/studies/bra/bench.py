@@ -17,7 +17,7 @@ from arch.attention import causal_attention
 from arch.bra import causal_routing
 from kernels.bench.registry import Benchmark, register
 from kernels.block_sparse import block_sparse_attention
-from kernels.block_sparse.reference import gather_attention
+from kernels.block_sparse.naive import gather_attention
 
 
 def _call(fn, inputs: tuple, mode: str):

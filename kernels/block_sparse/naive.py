@@ -1,7 +1,8 @@
-"""Readable definitions of block-sparse attention (used by tests and benchmarks only).
+"""The definition of block-sparse attention (``impl="naive"``; used by tests and benchmarks).
 
 ``dense_mask`` turns a block selection into the boolean [B, H, Tq, Tk] "query i may see key j" mask; the
-definition of block-sparse attention is then plain masked softmax attention (``reference_attention``).
+definition of block-sparse attention is then plain masked softmax attention (``reference_attention``), and
+``naive_block_sparse_attention`` is the two together, with the arguments of the public entry.
 ``gather_attention`` is the straightforward implementation of BiFormer's released code (ops/bra_legacy.py):
 it gathers the top-k-fold copy of K and V for every query block and runs dense attention on it. It is the
 memory-hungry baseline the chunked implementation is benchmarked against.
@@ -25,8 +26,9 @@ def dense_mask(
 ) -> torch.Tensor:
     """The selection as a boolean mask [B, H, Tq, Tk]: True where query i attends to key j."""
     B, Hs, nqb, S = kv_blocks.shape
-    qblock = torch.arange(Tq) // q_block_size  # [Tq] query block of each query
-    kblock = torch.arange(Tk) // block_size  # [Tk]
+    dev = kv_blocks.device
+    qblock = torch.arange(Tq, device=dev) // q_block_size  # [Tq] query block of each query
+    kblock = torch.arange(Tk, device=dev) // block_size  # [Tk]
     slots = kv_blocks[:, :, qblock]  # [B, Hs, Tq, S]
     hit = slots[..., None] == kblock  # [B, Hs, Tq, S, Tk]: slot s of query i holds key j's block
     hit &= slots[..., None] >= 0
@@ -34,7 +36,7 @@ def dense_mask(
         hit &= token_mask[..., None]
     mask = hit.any(dim=3)  # [B, Hs, Tq, Tk]
     if causal:
-        mask &= torch.ones(Tq, Tk, dtype=torch.bool).tril()
+        mask &= torch.ones(Tq, Tk, dtype=torch.bool, device=dev).tril()
     if key_mask is not None:
         mask &= key_mask[:, None, None, :]
     return mask.expand(B, H, Tq, Tk)
@@ -48,6 +50,16 @@ def reference_attention(q, k, v, mask: torch.Tensor, scale: float | None = None)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     p = s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def naive_block_sparse_attention(
+    q, k, v, kv_blocks, *, block_size: int, q_block_size: int, causal: bool, token_mask, key_mask, scale: float
+) -> torch.Tensor:
+    """``kernels.block_sparse.block_sparse_attention`` by its definition: the dense [B, H, Tq, Tk] mask, then
+    masked softmax attention with K and V repeated for grouped-query heads. Memory O(Tq·Tk) per head."""
+    H, rep = q.shape[2], q.shape[2] // k.shape[2]
+    mask = dense_mask(kv_blocks, q.shape[1], k.shape[1], H, block_size, q_block_size, causal, token_mask, key_mask)
+    return reference_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), mask, scale)
 
 
 def gather_attention(q, k, v, kv_blocks, *, block_size: int, key_mask=None, scale: float | None = None):
