@@ -3,6 +3,7 @@ fixed block-sparse attention, DHSA with our options, DHSA with the authors' opti
 
     python -m train dhsa-quality <checkpoint | run dir | model dir> --ours FILE --authors FILE
         [--budgets 128 64] [--mixer key=value ...] [--tokens N] [--rows fixed ours authors dense] [--out FILE]
+    python -m train dhsa-quality <same target> --merge A.json B.json ...   # one table from runs of some --rows
 
 Every sparse row is ``model.mixer.type=dhsa model.mixer.mode=prefill model.mixer.budget=B`` (prefill-mode
 selection, as the authors run DHSA on a prompt; the loss of a prompt's positions is what prefill quality means
@@ -168,6 +169,27 @@ def dhsa_quality(
     return result
 
 
+def merge_results(target: str, paths: Sequence[str]) -> dict:
+    """One result from ``quality.json`` files of the same target, overrides, mixer options and windows (runs of
+    different ``--rows`` or ``--budgets``, e.g. in parallel); ConfigError naming the file that does not match."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths, parts):
+        for key in ("overrides", "mixer", "length", "window_starts"):
+            if part[key] != first[key]:
+                raise ConfigError(f"--merge: {path} has other {key} than {paths[0]}; only runs of the same can merge")
+        if Path(part["checkpoint"]).resolve() != Path(target).resolve():
+            raise ConfigError(f"--merge: {path} scored {part['checkpoint']}, not {target}")
+    merged = {**first, "results": {k: v for part in parts for k, v in part["results"].items()}}
+    merged["rows"] = [r for r in ROWS if any(r in part["rows"] for part in parts)]
+    merged["budgets"] = list(dict.fromkeys(b for part in parts for b in part["budgets"]))
+    missing = [f"{r}@{b}" for r in merged["rows"] if r != "dense" for b in merged["budgets"]]
+    missing = [m for m in missing if m not in merged["results"]]
+    if missing:
+        raise ConfigError(f"--merge: no file holds {', '.join(missing)}")
+    return merged
+
+
 def format_table(result: dict) -> str:
     """Markdown: one row per attention, per budget the loss (nats/token, bits/byte), its change against dense and
     the attention recall."""
@@ -201,9 +223,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=None, help="held-out tokens to score (default: the whole split)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass")
     p.add_argument("--out", default=None, help="output file (default: <run dir>/dhsa/quality.json)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from these quality.json files")
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.merge:
+        result = merge_results(args.target, args.merge)
+        print(f"dhsa-quality {args.target}: merged {' '.join(args.merge)} ({len(result['window_starts'])} windows)")
+        print(format_table(result))
+        return result
     return dhsa_quality(
         args.target,
         args.overrides,

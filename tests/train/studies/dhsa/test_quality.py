@@ -15,7 +15,7 @@ from train.checkpoint import load_trained
 from train.cli import main
 from train.datamodules import LMDataModule
 from train.studies.dhsa.boundaries import dhsa_boundaries
-from train.studies.dhsa.quality import dhsa_quality, predictor_switch, quality_variants
+from train.studies.dhsa.quality import dhsa_quality, format_table, merge_results, predictor_switch, quality_variants
 
 from ....conftest import CONFIGS, micro_overrides
 
@@ -104,6 +104,29 @@ def test_scores_against_a_direct_loss_and_a_budget_covering_the_context_against_
         assert 0 < sparse["recall"] < 0.99 and sparse["loss"] != pytest.approx(res["dense"]["loss"], rel=1e-4)
     losses = {name: res[f"{name}@16"]["loss"] for name in ("fixed", "ours", "authors")}
     assert len({round(v, 6) for v in losses.values()}) == 3  # the three selections differ at this budget
+    check_merge(run, r, tmp_path)
+
+
+def check_merge(run, whole: dict, tmp_path):
+    """Parts of one result (rows and budgets apart, as parallel runs write them) merge into its table."""
+    parts = []
+    split = [(["ours", "dense"], [T, 16]), (["fixed", "authors"], [16]), (["authors"], [T]), (["fixed"], [T])]
+    for i, (rows, budgets) in enumerate(split):
+        keep = {
+            k: v
+            for k, v in whole["results"].items()
+            if k.split("@")[0] in rows and (k == "dense" or int(k.split("@")[1]) in budgets)
+        }
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps({**whole, "rows": rows, "budgets": budgets, "results": keep}))
+    merged = merge_results(str(run), [str(p) for p in parts])
+    assert merged["budgets"] == [T, 16] and format_table(merged) == format_table(whole)
+    with pytest.raises(ConfigError, match="--merge: no file holds fixed@64"):
+        merge_results(str(run), [str(p) for p in parts[:3]])
+    other = {**json.loads(parts[3].read_text()), "window_starts": whole["window_starts"][1:]}
+    parts[3].write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="part3.json has other window_starts"):
+        merge_results(str(run), [str(p) for p in parts])
 
 
 def test_cli_prints_the_table(run, tmp_path, capsys):
