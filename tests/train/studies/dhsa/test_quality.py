@@ -101,7 +101,7 @@ def test_scores_against_a_direct_loss_and_a_budget_covering_the_context_against_
         assert full["loss"] == pytest.approx(res["dense"]["loss"], rel=1e-5) and full["recall"] == pytest.approx(1)
         sparse = res[f"{name}@16"]
         assert sparse["loss"] == pytest.approx(direct_loss(run, sparse["overrides"], starts), rel=1e-5)
-        assert 0 < sparse["recall"] < 0.99 and sparse["loss"] != pytest.approx(res["dense"]["loss"], rel=1e-4)
+        assert 0 < sparse["recall"] < 0.99 and abs(sparse["loss"] - res["dense"]["loss"]) > 1e-5
     losses = {name: res[f"{name}@16"]["loss"] for name in ("fixed", "ours", "authors")}
     assert len({round(v, 6) for v in losses.values()}) == 3  # the three selections differ at this budget
     check_merge(run, r, tmp_path)
