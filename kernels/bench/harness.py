@@ -10,7 +10,12 @@ functions, so that "ms", "peak MiB" and "ratio" mean the same thing in every tab
   already hold: on CUDA the allocator's peak, on CPU the peak resident set size (reset through
   ``/proc/self/clear_refs``) with glibc's mmap threshold lowered so that freed buffers leave the RSS;
 * the matmul rate: FLOP/s of a large square matmul measured here, printed with every table so a reader can
-  tell how fast the machine was (and MFU can be computed against it).
+  tell how fast the machine was (and MFU can be computed against it);
+* threads: the fresh processes wait for work passively (``OMP_WAIT_POLICY=PASSIVE``). On a CPU shared with
+  other jobs, OpenMP's default spin-waiting makes every parallel op wait for a partner thread that the
+  scheduler has put aside: with 2 threads on a 2-core machine under a load of ~12, the block-sparse core (a few
+  hundred ops) measured 13.3 s for a forward that takes 0.74 s with passive waiting, while dense SDPA (one op)
+  took 0.73 s either way. The measurement would show the scheduler, not the code.
 
 This module imports only torch (``kernels`` may not import ``arch`` or ``train``).
 """
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # every allocation > 64 KiB its own mmap: RSS follows live memory
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep instead of spinning (see above)
 
 
 def sync(device: str | torch.device) -> None:
@@ -117,13 +123,14 @@ class PeakMemory:
 
 def in_fresh_process(target: str, *args: Any, threads: int = 0, low_mmap_threshold: bool = True) -> Any:
     """Run ``target(*args)`` (``"package.module:function"``, JSON-serialisable arguments and result) in a new
-    Python process with ``threads`` torch threads (0: torch's default) and return its result."""
+    Python process with ``threads`` torch threads (0: torch's default), OpenMP threads waiting passively, and
+    return its result."""
     module, fn = target.split(":")
     code = (
         f"import json, torch; torch.set_num_threads({int(threads)} or torch.get_num_threads()); "
         f"from {module} import {fn}; print('@@result ' + json.dumps({fn}(*json.loads({json.dumps(args)!r}))))"
     )
-    env = {**os.environ, **(MALLOC_ENV if low_mmap_threshold else {})}
+    env = {**os.environ, **THREAD_ENV, **(MALLOC_ENV if low_mmap_threshold else {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("@@result ")]
     if out.returncode or not lines:
@@ -148,10 +155,14 @@ def matmul_rate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 
 
 def machine(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, rate: float | None = None) -> str:
-    """One line naming the machine a table was measured on: device, threads, measured matmul rate."""
+    """One line naming the machine a table was measured on: device, threads (CPU: cores and load average, i.e.
+    how many jobs shared them), measured matmul rate."""
     device = torch.device(device)
     rate = matmul_rate(device, dtype) if rate is None else rate
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} threads"
     return f"{name}; measured matmul rate {rate / 1e9:.1f} GFLOP/s ({str(dtype).removeprefix('torch.')})"
 
 

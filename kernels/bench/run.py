@@ -30,10 +30,20 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def time_size(module: str, name: str, size: dict, cells: list, device: str, dtype: str, warmup: int, rounds: int):
-    """In this process: median seconds of every (impl, mode) cell of one size, interleaved -> {"impl|mode": s}."""
+    """In this process: median seconds of every (impl, mode) cell of one size, interleaved -> ({"impl|mode": s},
+    {"impl|mode": error}). A cell whose setup or first (warm-up) call raises is left out with its error, so the
+    others are still timed together."""
     bench = _bench(module, name)
-    fns = {f"{impl}|{mode}": bench.setup(size, impl, mode, device, _dtype(dtype)) for impl, mode in cells}
-    return harness.time_interleaved(fns, device, warmup=warmup, rounds=rounds)
+    fns, errors = {}, {}
+    for impl, mode in cells:
+        try:
+            fn = bench.setup(size, impl, mode, device, _dtype(dtype))
+            fn()  # the first warm-up call
+            fns[f"{impl}|{mode}"] = fn
+        except Exception as e:  # reported below the table
+            errors[f"{impl}|{mode}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    times = harness.time_interleaved(fns, device, warmup=max(warmup - 1, 0), rounds=rounds) if fns else {}
+    return times, errors
 
 
 def memory_cell(module: str, name: str, size: dict, impl: str, mode: str, device: str, dtype: str) -> int:
@@ -78,18 +88,18 @@ def run_benchmark(
     rows = []
     for size in sizes or bench.sizes(device):
         cells = [(i, m) for i in runnable for m in bench.modes]
-        times, err = _fresh(
+        result, err = _fresh(
             "time_size", bench.module, bench.name, size, cells, device, dtype, warmup, rounds, threads=threads
         )
-        if err:  # time each implementation alone, so that one failing cell does not hide the others
-            times = {}
+        times, failed = result or ({}, {})
+        if err:  # the process died (e.g. out of memory): time each cell alone, so that it does not hide the others
             for cell in cells:
                 t, e = _fresh(
                     "time_size", bench.module, bench.name, size, [cell], device, dtype, warmup, rounds, threads=threads
                 )
-                times.update(t or {})
-                if e:
-                    errors.append(f"{_label(size)} {cell[0]} {cell[1]}: {e}")
+                times.update(t[0] if t else {})
+                failed.update(t[1] if t else {f"{cell[0]}|{cell[1]}": e})
+        errors += [f"{_label(size)} {cell.replace('|', ' ')}: {e}" for cell, e in failed.items()]
         for impl in runnable:
             row = {"size": size, "impl": impl, "ms": {}, "peak_mib": {}, "flops_per_s": {}}
             for mode in bench.modes:
