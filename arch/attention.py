@@ -72,6 +72,16 @@ class CausalSelfAttention(nn.Module):
         self.rope = RotaryEmbedding(hd, ctx.max_seq_len, ctx.rope_theta, ctx.rope_fraction)
         self.qkv_tap = Tap()  # hooks read the rotated q, k and v here
 
+    @classmethod
+    def core_only(cls, ctx: LayerContext, **options) -> CausalSelfAttention:
+        """The mixer without its Q/K/V/output projections and RoPE: only the selection and attention over given
+        (rotated) q, k, v (``attend``, ``attend_step``), for a host model that brings its own projections and
+        positions (``arch.interop`` keeps a pretrained model's)."""
+        mixer = cls(ctx, **options)
+        for name in ("q", "k", "v", "o", "rope"):
+            delattr(mixer, name)
+        return mixer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # [B, T, D]
         q = self.rope(self.q(x).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, hd]

@@ -176,7 +176,9 @@ def causal_routing(
     # slots = the largest union (on the meta device, used only for FLOP counting: its upper bound)
     S = int(used.sum(-1).max()) if q.device.type != "meta" else min(nR, query_block * k_sel + 2)
     count, idx = used.to(torch.int8).topk(S, dim=-1)  # [B, nQ, S]
-    kv_blocks = torch.where(count > 0, idx, -1)
+    # ascending, unused slots last: the core then sums the softmax in position order, as dense attention does
+    kv_blocks = torch.where(count > 0, idx, nR).sort(dim=-1).values
+    kv_blocks = kv_blocks.masked_fill(kv_blocks == nR, -1)
     slot_of = kv_blocks.clamp_min(0).repeat_interleave(query_block, dim=1)[:, :T]  # [B, T, S]
     token_mask = seen.gather(2, slot_of) & (kv_blocks >= 0).repeat_interleave(query_block, dim=1)[:, :T]
     return kv_blocks[:, None], token_mask[:, None]

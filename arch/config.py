@@ -172,20 +172,29 @@ class LayerContext:
         rope_fraction: float = 1.0,
         init_std: float = 0.02,
     ) -> LayerContext:
-        """The context of one block built outside ``CausalLM`` (from plain numbers): ``proj`` and ``norm`` are
-        block specs as in configs (checked), everything else as in ``LMConfig``."""
+        """The context of one block built outside our ``CausalLM`` (from plain numbers), checked like a model
+        config: e.g. ``DHSA(LayerContext.for_block(d_model=512, n_heads=8), budget=256)``. ``n_layers`` and
+        ``layer_idx`` only matter for inits scaled by depth and per-layer options (Duo ``fixed_routes``)."""
+        c = resolve_lm_config(
+            {
+                "d_model": d_model,
+                "n_heads": n_heads,
+                "n_kv_heads": n_kv_heads,
+                "max_seq_len": max_seq_len,
+                "n_layers": n_layers,
+                "proj": proj,
+                "norm": norm,
+                "rope_theta": rope_theta,
+                "rope_fraction": rope_fraction,
+                "init_std": init_std,
+            },
+            path="block",
+        )
+        if not 0 <= layer_idx < n_layers:
+            raise ConfigError(f"block.layer_idx: {layer_idx} is out of range; allowed: 0-{n_layers - 1}")
+        keep = ("d_model", "n_heads", "n_kv_heads", "max_seq_len", "n_layers", "proj", "norm", "rope_theta")
         return cls(
-            d_model=d_model,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads or n_heads,
-            max_seq_len=max_seq_len,
-            n_layers=n_layers,
-            layer_idx=layer_idx,
-            proj=PROJS.build_spec(proj, "proj"),
-            norm=NORMS.build_spec(norm, "norm"),
-            rope_theta=rope_theta,
-            rope_fraction=rope_fraction,
-            init_std=init_std,
+            **{k: c[k] for k in keep}, layer_idx=layer_idx, rope_fraction=c["rope_fraction"], init_std=c["init_std"]
         )
 
     @property

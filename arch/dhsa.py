@@ -444,6 +444,39 @@ class DHSA(CausalSelfAttention):
         visible = (kv >= 0) & (kv <= t)
         return attend_keys(q, _take(k_all, kv), _take(v_all, kv), visible)
 
+    @torch.no_grad()
+    def decode_state(self, q: torch.Tensor, k: torch.Tensor) -> dict:
+        """The state ``attend_step`` holds after positions 0..T-1, computed at once from a prefill's rotated
+        q [B, T, H, hd] and k [B, T, Hkv, hd], so that decoding continues at position T exactly as if every
+        position had been decoded one by one. The caller adds the cache's ``"k"`` and ``"v"``."""
+        if self.mode != "causal":
+            raise NotImplementedError("decoding needs mixer.mode 'causal' (prefill selections see later positions)")
+        B, T = q.shape[:2]
+        state = {"Pq": prefix_sums(q.float().mean(2)), "Pk": prefix_sums(k.float().mean(2))}
+        n_scored = max(T - self.window + 1, 0) if self.chunker != "fixed" else 0  # scores known at T-1
+        state["scores"] = self.boundary_scores(k.flatten(2), 0, n_scored) if n_scored else q.new_zeros(B, 0)
+        decided = max(T - self.lookahead, 1)  # chunk starts at p < decided are decided at T-1
+        if self.chunker == "fixed":
+            starts = (torch.arange(decided, device=q.device) % self.chunk_size == 0).expand(B, -1)
+        elif n_scored:
+            starts = nms_starts(state["scores"], self.threshold, self.nms_radius, self.max_chunk)[:, :decided]
+        else:
+            starts = torch.ones(B, 1, dtype=torch.bool, device=q.device)
+        if not bool((starts == starts[:1]).all()):
+            raise NotImplementedError(
+                "DHSA decoding keeps one chunk table per batch: decode one sequence at a time (batch size 1) or "
+                "use chunker 'fixed'"
+            )
+        state["chunk_start"] = [0] + (starts[0, 1:].nonzero().flatten() + 1).tolist()
+        bounds = torch.tensor(state["chunk_start"], device=q.device)
+        state["krep"] = chunk_reps(state["Pk"], bounds[:-1].expand(B, -1), bounds[1:].expand(B, -1))  # closed
+        if T % self.query_block:  # mid-block: the selection made at the block's start i0, from the chunks closed then
+            i0 = T // self.query_block * self.query_block
+            n = sum(1 for p in state["chunk_start"][1:] if p <= i0 - self.lookahead)
+            at_i0 = {"Pq": state["Pq"], "chunk_start": state["chunk_start"][: n + 1], "krep": state["krep"][:, :n]}
+            state["kv"] = self._select_block(i0, at_i0)
+        return state
+
     def _decide_boundaries(self, k: torch.Tensor, t: int, cache: dict) -> None:
         """With keys 0..t known, decide whether a chunk starts at p = t − lookahead; if so, close the chunk
         before it and append its K_c."""

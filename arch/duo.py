@@ -47,11 +47,16 @@ ROUTE_NAMES = ("skip", "small", "big")
 
 @FFNS.register("duo")
 class DuoFFN(nn.Module):
-    """big: SwiGLU MLP with ``d_ff``; small: SwiGLU MLP with ``d_ff // small_ratio`` (the paper: 10240 / 640)."""
+    """big: SwiGLU MLP with ``d_ff``; small: SwiGLU MLP with ``d_ff // small_ratio`` (the paper: 10240 / 640).
+
+    ``big`` (optional): an existing FFN ([.., D] -> [.., D], hidden width ``d_ff``) to use as the big module, e.g. a
+    pretrained model's MLP (``arch.interop.swap_mlp``); the small module is always new.
+    """
 
     def __init__(
         self,
         ctx: LayerContext,
+        big: Optional[nn.Module] = None,
         *,
         d_ff: Optional[int] = None,
         small_ratio: int = 16,
@@ -81,7 +86,7 @@ class DuoFFN(nn.Module):
             raise ConfigError(f"{where}.fixed_routes: only used with routing 'fixed' (routing is {routing!r})")
         self.routing, self.p_big_random, self.p_skip_random, self.router_skip = routing, p_big, p_skip, router_skip
         self.fixed_route = ROUTE_NAMES.index(fixed_routes[ctx.layer_idx]) if routing == "fixed" else None
-        self.big = MLP(ctx, d_ff=d_ff)  # [B, T, D] -> [B, T, D]
+        self.big = MLP(ctx, d_ff=d_ff) if big is None else big  # [B, T, D] -> [B, T, D]
         self.small = MLP(ctx, d_ff=d_ff // small_ratio)
         # Every duo layer has a router (trained and used only by routing 'router'), so checkpoints of all modes
         # share weights: a stage-1 (random) checkpoint initialises a stage-3 (router) model exactly.
@@ -136,5 +141,15 @@ class DuoFFN(nn.Module):
             return self.big(x)
         counts = torch.bincount(route.flatten(), minlength=len(ROUTE_NAMES))  # [3]
         self.route_fraction = counts.float() / route.numel()
-        weights = [SwiGLUWeights(m.w1.weight, m.w3.weight, m.w2.weight) for m in (self.small, self.big)]
-        return routed_ffn(x, route, *weights, impl=self.impl)  # [B, T, D]
+        weights = [swiglu_weights(m) for m in (self.small, self.big)]  # None for a foreign module (e.g. a HF MLP)
+        modules = weights if all(w is not None for w in weights) else [self.small, self.big]
+        return routed_ffn(x, route, *modules, impl=self.impl)  # [B, T, D]
+
+
+def swiglu_weights(m: nn.Module) -> SwiGLUWeights | None:
+    """The SwiGLU weights of one of our bias-free SwiGLU MLPs (what the Triton kernels take); None for any other
+    module, which then runs as itself on its tokens."""
+    linears = [getattr(m, name, None) for name in ("w1", "w3", "w2")]
+    if all(isinstance(lin, nn.Linear) and lin.bias is None for lin in linears):
+        return SwiGLUWeights(m.w1.weight, m.w3.weight, m.w2.weight)
+    return None

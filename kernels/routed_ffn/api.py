@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 
 from ..common import resolve_impl
-from .naive import SwiGLUWeights, naive_routed_ffn
+from .naive import SwiGLUWeights, naive_routed_ffn, swiglu
 from .pytorch import torch_routed_ffn
 
 Impl = Literal["auto", "naive", "torch", "triton"]
@@ -32,6 +33,8 @@ def routed_ffn(
             ``1`` = SMALL, ``2`` = BIG.
         small, big: ``SwiGLUWeights(w1, w3, w2)`` (or any 3-sequence of tensors): w1, w3 [d_ff, D], w2 [D, d_ff]
             (``nn.Linear.weight`` layouts; each module its own d_ff). The Triton kernels compute in x's dtype.
+            Or two modules (callables [n, D] -> [n, D], e.g. a pretrained model's own MLP): then only the
+            ``naive`` and ``torch`` paths apply (``auto`` = ``torch``).
         residual: optional [..., D] added to the output (fused into the scatter by the Triton kernels).
         impl: ``"naive"`` (the definition: both modules on every token), ``"torch"`` (sort, gather, compute per
             module, scatter), ``"triton"`` (grouped GEMMs per module; on CPU tensors only in the Triton
@@ -43,14 +46,23 @@ def routed_ffn(
     Raises:
         ValueError: shapes, dtypes, devices or route values that do not fit (the message says which).
     """
+    if callable(small) or callable(big):  # modules given as functions: grouped PyTorch calls (no Triton)
+        small, big = (m if callable(m) else functools.partial(swiglu, w=SwiGLUWeights(*m)) for m in (small, big))
+        _check(x, route, None, None, residual)
+        if impl == "triton":
+            raise ValueError("routed_ffn: impl 'triton' needs the modules as SwiGLUWeights, got callables")
+        run = naive_routed_ffn if impl == "naive" else torch_routed_ffn
+        return run(x, route, small, big, residual)
     small, big = SwiGLUWeights(*small), SwiGLUWeights(*big)
     _check(x, route, small, big, residual)
     reason = None if x.dtype in TRITON_DTYPES else f"does not take {x.dtype} (float32, float16, bfloat16 only)"
     impl = resolve_impl("routed_ffn", impl, IMPLS, x.device, "torch", reason)
-    run = {"naive": naive_routed_ffn, "torch": torch_routed_ffn}.get(impl)
-    if run is None:
-        from .triton import triton_routed_ffn as run
-    return run(x, route, small, big, residual)
+    if impl == "triton":
+        from .triton import triton_routed_ffn
+
+        return triton_routed_ffn(x, route, small, big, residual)
+    run = naive_routed_ffn if impl == "naive" else torch_routed_ffn
+    return run(x, route, functools.partial(swiglu, w=small), functools.partial(swiglu, w=big), residual)
 
 
 def _check(x, route, small: SwiGLUWeights, big: SwiGLUWeights, residual) -> None:
@@ -64,7 +76,7 @@ def _check(x, route, small: SwiGLUWeights, big: SwiGLUWeights, residual) -> None
         )
     if route.numel() and route.device.type != "meta" and not bool(((route >= 0) & (route <= 2)).all()):
         raise ValueError("routed_ffn: route values must be 0 (skip), 1 (small) or 2 (big)")
-    for name, w in (("small", small), ("big", big)):
+    for name, w in (("small", small), ("big", big)) if small is not None else ():
         F = w.w1.shape[0] if w.w1.dim() == 2 else -1
         if w.w1.shape != (F, D) or w.w3.shape != (F, D) or w.w2.shape != (D, F) or F < 1:
             raise ValueError(

@@ -29,10 +29,9 @@ def swiglu(x: torch.Tensor, w: SwiGLUWeights) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, w.w1)) * F.linear(x, w.w3), w.w2)
 
 
-def naive_routed_ffn(
-    x: torch.Tensor, route: torch.Tensor, small: SwiGLUWeights, big: SwiGLUWeights, residual: torch.Tensor | None
-) -> torch.Tensor:
-    """x [..., D], route [...] in {SKIP, SMALL, BIG} -> residual + the routed module's output (zero on SKIP)."""
+def naive_routed_ffn(x: torch.Tensor, route: torch.Tensor, small, big, residual: torch.Tensor | None) -> torch.Tensor:
+    """x [..., D], route [...] in {SKIP, SMALL, BIG} -> residual + the routed module's output (zero on SKIP).
+    ``small``, ``big``: functions [..., D] -> [..., D] (e.g. ``functools.partial(swiglu, w=weights)``)."""
     r = route[..., None]
-    y = torch.where(r == BIG, swiglu(x, big), torch.where(r == SMALL, swiglu(x, small), torch.zeros_like(x)))
+    y = torch.where(r == BIG, big(x), torch.where(r == SMALL, small(x), torch.zeros_like(x)))
     return y if residual is None else residual + y
