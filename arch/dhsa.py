@@ -156,6 +156,11 @@ def block_sums(x: torch.Tensor, size: int, n: int, shift: int) -> torch.Tensor:
     return F.pad(x.double(), (0, 0, shift, n * size - T - shift)).view(x.shape[0], n, size, -1).sum(2)
 
 
+def prefix_sums(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> [B, T+1, C] float64, P[:, j] = sum of x[:, :j] (decoding's running sums, built at once)."""
+    return F.pad(x.double().cumsum(1), (0, 0, 1, 0))
+
+
 def chunk_reps(P: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """``span_reps`` of chunks [start, end) (start, end [B, n]) from prefix sums P [B, T+1, C] (decoding's
     running sums) -> [B, n, C] float32."""
@@ -435,7 +440,7 @@ class DHSA(CausalSelfAttention):
             cache.update(
                 Pq=zero, Pk=zero, scores=q.new_zeros(B, 0), chunk_start=[0], krep=q.new_zeros(B, 0, q.shape[-1])
             )
-        for name, x in (("Pq", q), ("Pk", k_all[:, -1:])):  # running prefix sums (float64) of the head means
+        for name, x in (("Pq", q), ("Pk", k_all[:, -1:])):  # the same sums as prefix_sums() on the whole sequence
             cache[name] = torch.cat([cache[name], cache[name][:, -1:] + x.float().mean(2).double()], dim=1)
         self._decide_boundaries(k_all.flatten(2), t, cache)
         if t % self.query_block == 0:  # a new query block: select over the closed chunks
