@@ -43,12 +43,27 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], device: str | torch.device = "cpu", *, warmup: int = 1, rounds: int = 5
+    fns: dict[str, Callable[[], Any]],
+    device: str | torch.device = "cpu",
+    *,
+    warmup: int = 1,
+    rounds: int = 5,
+    clock: str = "wall",
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed interleaved: ``rounds`` rounds of one call of each."""
+    """Median seconds per call of each function, timed interleaved: ``rounds`` rounds of one call of each.
+
+    clock: ``wall`` (elapsed time) or ``cpu`` (CPU time of this process, all its threads: on a CPU shared with
+    other jobs, the work done rather than the share of the machine the scheduler gave; with one thread it is
+    the wall time of an idle machine; CPU devices only)."""
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    if clock not in CLOCKS or (clock == "cpu" and torch.device(device).type != "cpu"):
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('cpu' on CPU devices only), got {clock!r}")
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -56,10 +71,10 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
