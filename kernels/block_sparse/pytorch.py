@@ -31,6 +31,7 @@ def torch_block_sparse_attention(
     bs, qbs = block_size, q_block_size
     if kv_blocks.shape[1] > 1:
         return _per_head(q, k, v, kv_blocks, bs, qbs, causal, token_mask, key_mask, scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the tiles view K and V as rows of blocks
     kv_blocks = kv_blocks[:, 0].long()  # [B, nqb, S]
     token_mask = None if token_mask is None else token_mask[:, 0]  # [B, Tq, S]
     nqb, nkb = math.ceil(Tq / qbs), math.ceil(Tk / bs)

@@ -317,3 +317,19 @@ def test_auto_is_torch_on_cpu_and_triton_needs_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("q_block_size", [None, 1])
+def test_torch_path_takes_non_contiguous_inputs(q_block_size):
+    """q, k, v as transposed views ([B, H, T, hd] memory, as a model's projections may give them): the same
+    output and gradients as naive."""
+    case = (2, 4, 2, 48, 8, 8, q_block_size, 3, 1, True, False, False)  # T a multiple of the block: no padding copy
+    qkv, sel, kw = make_case(case, torch.float32)
+    qkv = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv]
+    assert not qkv[1].is_contiguous()
+    dout = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEVICE)
+    ref, ref_grads = attention_and_grads([t.double() for t in qkv], sel, kw, "naive", dout)
+    out, grads = attention_and_grads(qkv, sel, kw, "torch", dout)
+    check("block_sparse_attention", "torch", torch.float32, "out (non-contiguous)", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check("block_sparse_attention", "torch", torch.float32, f"{name} (non-contiguous)", a, b)
