@@ -13,9 +13,9 @@ functions, so that "ms", "peak MiB" and "ratio" mean the same thing in every tab
   tell how fast the machine was (and MFU can be computed against it);
 * threads: the fresh processes wait for work passively (``OMP_WAIT_POLICY=PASSIVE``). On a CPU shared with
   other jobs, OpenMP's default spin-waiting makes every parallel op wait for a partner thread that the
-  scheduler has put aside: with 2 threads on a 2-core machine under a load of ~12, the block-sparse core (a few
-  hundred ops) measured 13.3 s for a forward that takes 0.74 s with passive waiting, while dense SDPA (one op)
-  took 0.73 s either way. The measurement would show the scheduler, not the code.
+  scheduler has put aside: with 2 threads on a 2-core machine under a load of ~20, the block-sparse core (a few
+  hundred ops) took tens of times longer than with passive waiting, while dense SDPA (one op) barely changed.
+  The measurement would show the scheduler, not the code. (``--clock cpu`` goes further: CPU time, not wall.)
 
 This module imports only torch (``kernels`` may not import ``arch`` or ``train``).
 """
