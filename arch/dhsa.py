@@ -65,7 +65,7 @@ from .registry import MIXERS, ConfigError
 Chunker = Literal["similarity", "learned", "fixed"]
 LEARNED_THRESHOLD = 1.1  # default boundary threshold on the learned predictor's logit (authors' code)
 Mode = Literal["causal", "prefill"]
-SELECT_ELEMENTS = 1 << 20  # the selection works on [B, query blocks, T] tensors of about this many elements
+SELECT_ELEMENTS = 1 << 20  # the selection works on [B, query blocks, <= T] tensors of about this many elements
 
 
 def key_windows(k: torch.Tensor, window: int, p0: int, p1: int) -> torch.Tensor:
@@ -136,17 +136,36 @@ def nms_starts(
     return start | (pos % max_chunk == 0)
 
 
+def span_reps(total: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """√|C| · mean over spans C from their sums: total [B, n, C] float64, length [B, n] -> total / √|C| [B, n, C]
+    float32 (zeros for empty spans)."""
+    return (total / length.clamp_min(1)[..., None].double().sqrt()).float()
+
+
+def chunk_sums(x: torch.Tensor, cid: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, T, C] summed over each of the n chunks (cid [B, T]: chunk of each position) -> [B, n, C] float64."""
+    B, T, C = x.shape
+    rows = (cid + n * torch.arange(B, device=cid.device)[:, None]).flatten()
+    return x.new_zeros(B * n, C, dtype=torch.float64).index_add_(0, rows, x.reshape(B * T, C).double()).view(B, n, C)
+
+
+def block_sums(x: torch.Tensor, size: int, n: int, shift: int) -> torch.Tensor:
+    """x [B, T, C] summed over the n spans [b·size − shift, (b+1)·size − shift) (zeros outside the sequence)
+    -> [B, n, C] float64."""
+    T = x.shape[1]
+    return F.pad(x.double(), (0, 0, shift, n * size - T - shift)).view(x.shape[0], n, size, -1).sum(2)
+
+
 def prefix_sums(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, C] -> [B, T+1, C] float64, P[:, j] = sum of x[:, :j] (exact enough to difference)."""
+    """[B, T, C] -> [B, T+1, C] float64, P[:, j] = sum of x[:, :j] (decoding's running sums, built at once)."""
     return F.pad(x.double().cumsum(1), (0, 0, 1, 0))
 
 
 def chunk_reps(P: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """√|C| · mean over chunk C = [start, end) from prefix sums P [B, T+1, C]: (P[end] − P[start]) / √|C|.
-    start, end: [B, n] -> [B, n, C] float32 (zeros for empty chunks)."""
+    """``span_reps`` of chunks [start, end) (start, end [B, n]) from prefix sums P [B, T+1, C] (decoding's
+    running sums) -> [B, n, C] float32."""
     idx = lambda i: i[..., None].expand(*i.shape, P.shape[-1])  # noqa: E731
-    total = P.gather(1, idx(end)) - P.gather(1, idx(start))
-    return (total / (end - start).clamp_min(1)[..., None].double().sqrt()).float()
+    return span_reps(P.gather(1, idx(end)) - P.gather(1, idx(start)), end - start)
 
 
 def chunk_table(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,26 +231,29 @@ def selected_keys(
     quota: torch.Tensor,
     top: torch.Tensor,
     rstart: torch.Tensor,
-    cid: torch.Tensor,
     i0: torch.Tensor,
     i1: torch.Tensor,
     n_init: int,
+    T: int,
 ) -> torch.Tensor:
     """The key positions each query block sees, ascending, -1 padded: LongTensor [B, nb, S].
 
-    quota, top [B, nb, nC], rstart [B, nb] from ``select_quota``; cid [B, T] chunk of each key; blocks
-    [i0, i1) [nb]. Works on [B, nb, T] tensors: the caller bounds nb (``SELECT_ELEMENTS``)."""
-    B, nb, _ = quota.shape
-    T = cid.shape[1]
-    pos = torch.arange(T, device=cid.device)  # [T]
+    quota, top [B, nb, nC], rstart [B, nb] from ``select_quota``; blocks [i0, i1) [nb]; keys 0..T-1. The block
+    sees [0, n_init) ∪ [rstart, i1) and the last quota tokens before top of each chunk; these are disjoint
+    ranges in position order (the chunks' candidate spans lie in [n_init, rstart)), so the positions are
+    listed range by range, without scanning the T keys. S = the budget's bound; a longer list keeps its
+    earliest S."""
+    B, nb, nC = quota.shape
     S = min(max(int((forced_count(rstart, i0, n_init) + (i1 - i0)[None] + quota.sum(-1)).max()), 1), T)
-    c = cid[:, None, :].expand(B, nb, T)
-    q_tok, t_tok = quota.gather(-1, c), top.gather(-1, c)  # [B, nb, T] per key: its chunk's quota and span end
-    seen = (pos < t_tok) & (pos >= t_tok - q_tok)
-    seen |= (pos < n_init) | ((pos >= rstart[..., None]) & (pos < i1[:, None]))
-    key = torch.where(seen, (T - pos).to(torch.int32), 0)  # larger = earlier; 0 = unseen
-    val, idx = key.topk(S, dim=-1)  # ascending positions first
-    return torch.where(val > 0, idx, -1)
+    a, e = min(n_init, T), i1.clamp_max(T)[None].expand(B, nb)  # [0, a) ∪ [rstart, e): forced
+    rec_end = torch.where(rstart <= a, e.clamp_min(a), e)  # [rstart, rec_end) holds what [0, a) does not
+    first = torch.cat([torch.zeros_like(rstart)[..., None], top - quota, rstart[..., None]], -1)  # [B, nb, nC+2]
+    length = torch.cat([rstart.clamp_max(a)[..., None], quota, (rec_end - rstart)[..., None]], -1)
+    end = length.cumsum(-1)  # [B, nb, nC+2] end of each range in the list
+    j = torch.arange(S, device=quota.device).expand(B, nb, S).contiguous()  # place in the list
+    r = torch.searchsorted(end, j, right=True).clamp_max(nC + 1)  # the range holding place j
+    pos = first.gather(-1, r) + j - (end - length).gather(-1, r)
+    return torch.where(j < end[..., -1:], pos, -1)
 
 
 def check_options(o: dict) -> None:
@@ -382,19 +404,20 @@ class DHSA(CausalSelfAttention):
         if q.device.type == "meta":  # FLOP counting: the budgeted shape (a selection needs data)
             return torch.zeros(B, nb, min(T, self.budget + qb), dtype=torch.long, device=q.device)
         cid, c_start, c_end = chunk_table(self.layer_chunk_starts(k.flatten(2)))
-        krep = chunk_reps(prefix_sums(k.float().mean(2)), c_start, c_end)  # [B, nC, hd] K_c
-        Pq = prefix_sums(q.float().mean(2))  # [B, T+1, hd]
+        nC = c_start.shape[1]
+        krep = span_reps(chunk_sums(k.float().mean(2), cid, nC), c_end - c_start)  # [B, nC, hd] K_c
+        qm = q.float().mean(2)  # [B, T, hd] head-averaged queries
         i0 = torch.arange(nb, device=q.device) * qb
         i1 = i0 + qb  # not clamped to T: the budget of a block never depends on where the sequence ends
         if self.mode == "causal":  # the query_block queries ending at i0
-            qrep = chunk_reps(Pq, (i0 + 1 - qb).clamp_min(0).expand(B, nb), (i0 + 1).expand(B, nb))
+            qrep = span_reps(block_sums(qm, qb, nb, qb - 1), (i0 + 1).clamp_max(qb).expand(B, nb))
         elif self.query_rep == "block":  # the block's own queries (released code)
-            qrep = chunk_reps(Pq, i0.expand(B, nb), i1.clamp_max(T).expand(B, nb))
+            qrep = span_reps(block_sums(qm, qb, nb, 0), (i1.clamp_max(T) - i0).expand(B, nb))
         else:  # mean over the block of its positions' chunk representations Q_c
-            qc = chunk_reps(Pq, c_start, c_end).gather(1, cid[..., None].expand(B, T, Pq.shape[-1]))  # [B, T, hd]
+            qc = span_reps(chunk_sums(qm, cid, nC), c_end - c_start).gather(1, cid[..., None].expand(*qm.shape))
             qrep = F.pad(qc, (0, 0, 0, nb * qb - T)).view(B, nb, qb, -1).sum(2) / (i1.clamp_max(T) - i0)[None, :, None]
         lookahead = self.lookahead if self.mode == "causal" else None
-        out, group = [], max(1, SELECT_ELEMENTS // T)  # query blocks at a time: [B, group, T] temporaries
+        out, group = [], max(1, SELECT_ELEMENTS // T)  # query blocks at a time: [B, group, <= T] temporaries
         for g0 in range(0, nb, group):
             g = slice(g0, min(g0 + group, nb))
             quota, top, rstart = select_quota(
@@ -409,7 +432,7 @@ class DHSA(CausalSelfAttention):
                 n_recent=self.n_recent,
                 lookahead=lookahead,
             )
-            out.append(selected_keys(quota, top, rstart, cid, i0[g], i1[g], self.n_init))
+            out.append(selected_keys(quota, top, rstart, i0[g], i1[g], self.n_init, T))
         S = max(o.shape[-1] for o in out)
         return torch.cat([F.pad(o, (0, S - o.shape[-1]), value=-1) for o in out], dim=1)
 
@@ -525,9 +548,7 @@ class DHSA(CausalSelfAttention):
             n_recent=self.n_recent,
             lookahead=0,
         )
-        # the chunk of each key up to the block end; keys after the closed chunks are forced or unseen, so any id
-        cid = torch.bucketize(torch.arange(int(i1), device=dev), bounds[1:], right=True).clamp_max(len(bounds) - 2)
-        return selected_keys(quota, top, rstart, cid.expand(B, -1), i0, i1, self.n_init)[:, 0]
+        return selected_keys(quota, top, rstart, i0, i1, self.n_init, int(i1))[:, 0]
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

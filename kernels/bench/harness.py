@@ -10,7 +10,12 @@ functions, so that "ms", "peak MiB" and "ratio" mean the same thing in every tab
   already hold: on CUDA the allocator's peak, on CPU the peak resident set size (reset through
   ``/proc/self/clear_refs``) with glibc's mmap threshold lowered so that freed buffers leave the RSS;
 * the matmul rate: FLOP/s of a large square matmul measured here, printed with every table so a reader can
-  tell how fast the machine was (and MFU can be computed against it).
+  tell how fast the machine was (and MFU can be computed against it);
+* threads: the fresh processes wait for work passively (``OMP_WAIT_POLICY=PASSIVE``). On a CPU shared with
+  other jobs, OpenMP's default spin-waiting makes every parallel op wait for a partner thread that the
+  scheduler has put aside: with 2 threads on a 2-core machine under a load of ~20, the block-sparse core (a few
+  hundred ops) took tens of times longer than with passive waiting, while dense SDPA (one op) barely changed.
+  The measurement would show the scheduler, not the code. (``--clock cpu`` goes further: CPU time, not wall.)
 
 This module imports only torch (``kernels`` may not import ``arch`` or ``train``).
 """
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # every allocation > 64 KiB its own mmap: RSS follows live memory
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep instead of spinning (see above)
 
 
 def sync(device: str | torch.device) -> None:
@@ -37,12 +43,27 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], device: str | torch.device = "cpu", *, warmup: int = 1, rounds: int = 5
+    fns: dict[str, Callable[[], Any]],
+    device: str | torch.device = "cpu",
+    *,
+    warmup: int = 1,
+    rounds: int = 5,
+    clock: str = "wall",
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed interleaved: ``rounds`` rounds of one call of each."""
+    """Median seconds per call of each function, timed interleaved: ``rounds`` rounds of one call of each.
+
+    clock: ``wall`` (elapsed time) or ``cpu`` (CPU time of this process, all its threads: on a CPU shared with
+    other jobs, the work done rather than the share of the machine the scheduler gave; with one thread it is
+    the wall time of an idle machine; CPU devices only)."""
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    if clock not in CLOCKS or (clock == "cpu" and torch.device(device).type != "cpu"):
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('cpu' on CPU devices only), got {clock!r}")
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -50,10 +71,10 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -117,13 +138,14 @@ class PeakMemory:
 
 def in_fresh_process(target: str, *args: Any, threads: int = 0, low_mmap_threshold: bool = True) -> Any:
     """Run ``target(*args)`` (``"package.module:function"``, JSON-serialisable arguments and result) in a new
-    Python process with ``threads`` torch threads (0: torch's default) and return its result."""
+    Python process with ``threads`` torch threads (0: torch's default), OpenMP threads waiting passively, and
+    return its result."""
     module, fn = target.split(":")
     code = (
         f"import json, torch; torch.set_num_threads({int(threads)} or torch.get_num_threads()); "
         f"from {module} import {fn}; print('@@result ' + json.dumps({fn}(*json.loads({json.dumps(args)!r}))))"
     )
-    env = {**os.environ, **(MALLOC_ENV if low_mmap_threshold else {})}
+    env = {**os.environ, **THREAD_ENV, **(MALLOC_ENV if low_mmap_threshold else {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("@@result ")]
     if out.returncode or not lines:
@@ -148,10 +170,14 @@ def matmul_rate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 
 
 def machine(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, rate: float | None = None) -> str:
-    """One line naming the machine a table was measured on: device, threads, measured matmul rate."""
+    """One line naming the machine a table was measured on: device, threads (CPU: cores and load average, i.e.
+    how many jobs shared them), measured matmul rate."""
     device = torch.device(device)
     rate = matmul_rate(device, dtype) if rate is None else rate
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} threads"
     return f"{name}; measured matmul rate {rate / 1e9:.1f} GFLOP/s ({str(dtype).removeprefix('torch.')})"
 
 

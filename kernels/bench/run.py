@@ -29,11 +29,31 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def time_size(module: str, name: str, size: dict, cells: list, device: str, dtype: str, warmup: int, rounds: int):
-    """In this process: median seconds of every (impl, mode) cell of one size, interleaved -> {"impl|mode": s}."""
+def time_size(
+    module: str,
+    name: str,
+    size: dict,
+    cells: list,
+    device: str,
+    dtype: str,
+    warmup: int,
+    rounds: int,
+    clock: str = "wall",
+):
+    """In this process: median seconds of every (impl, mode) cell of one size, interleaved -> ({"impl|mode": s},
+    {"impl|mode": error}). A cell whose setup or first (warm-up) call raises is left out with its error, so the
+    others are still timed together."""
     bench = _bench(module, name)
-    fns = {f"{impl}|{mode}": bench.setup(size, impl, mode, device, _dtype(dtype)) for impl, mode in cells}
-    return harness.time_interleaved(fns, device, warmup=warmup, rounds=rounds)
+    fns, errors = {}, {}
+    for impl, mode in cells:
+        try:
+            fn = bench.setup(size, impl, mode, device, _dtype(dtype))
+            fn()  # the first warm-up call
+            fns[f"{impl}|{mode}"] = fn
+        except Exception as e:  # reported below the table
+            errors[f"{impl}|{mode}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    times = harness.time_interleaved(fns, device, warmup=max(warmup - 1, 0), rounds=rounds, clock=clock) if fns else {}
+    return times, errors
 
 
 def memory_cell(module: str, name: str, size: dict, impl: str, mode: str, device: str, dtype: str) -> int:
@@ -63,6 +83,7 @@ def run_benchmark(
     rounds: int = 5,
     memory: bool = True,
     threads: int = 0,
+    clock: str = "wall",
 ) -> dict:
     """Measure one benchmark; print its table; return {"rows": [...], "errors": [...]}."""
     dtype = dtype or bench.dtype(device)
@@ -78,18 +99,28 @@ def run_benchmark(
     rows = []
     for size in sizes or bench.sizes(device):
         cells = [(i, m) for i in runnable for m in bench.modes]
-        times, err = _fresh(
-            "time_size", bench.module, bench.name, size, cells, device, dtype, warmup, rounds, threads=threads
+        result, err = _fresh(
+            "time_size", bench.module, bench.name, size, cells, device, dtype, warmup, rounds, clock, threads=threads
         )
-        if err:  # time each implementation alone, so that one failing cell does not hide the others
-            times = {}
+        times, failed = result or ({}, {})
+        if err:  # the process died (e.g. out of memory): time each cell alone, so that it does not hide the others
             for cell in cells:
                 t, e = _fresh(
-                    "time_size", bench.module, bench.name, size, [cell], device, dtype, warmup, rounds, threads=threads
+                    "time_size",
+                    bench.module,
+                    bench.name,
+                    size,
+                    [cell],
+                    device,
+                    dtype,
+                    warmup,
+                    rounds,
+                    clock,
+                    threads=threads,
                 )
-                times.update(t or {})
-                if e:
-                    errors.append(f"{_label(size)} {cell[0]} {cell[1]}: {e}")
+                times.update(t[0] if t else {})
+                failed.update(t[1] if t else {f"{cell[0]}|{cell[1]}": e})
+        errors += [f"{_label(size)} {cell.replace('|', ' ')}: {e}" for cell, e in failed.items()]
         for impl in runnable:
             row = {"size": size, "impl": impl, "ms": {}, "peak_mib": {}, "flops_per_s": {}}
             for mode in bench.modes:
@@ -175,6 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="wall time, or CPU time of the process (shared CPUs)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to this JSON file")
 
@@ -192,7 +226,7 @@ def run(names: list[str], args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"error: unknown benchmark {unknown[0]!r}; registered: {', '.join(sorted(BENCHMARKS))}")
     dtype = _dtype(args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     with _threads(args.threads):
-        print(f"machine: {harness.machine(args.device, dtype)}\n", flush=True)
+        print(f"machine: {harness.machine(args.device, dtype)}; clock: {args.clock} time\n", flush=True)
     results = [
         run_benchmark(
             BENCHMARKS[n],
@@ -204,6 +238,7 @@ def run(names: list[str], args: argparse.Namespace) -> list[dict]:
             rounds=args.rounds,
             memory=not args.no_memory,
             threads=args.threads,
+            clock=args.clock,
         )
         for n in names or sorted(BENCHMARKS)
     ]

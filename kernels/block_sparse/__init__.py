@@ -5,8 +5,9 @@ blocks it may see, plus optionally which of those each query inside the block ma
 softmax attention restricted to exactly those keys, through one entry, ``block_sparse_attention`` (``api.py``):
 
 * ``naive.py``: the definition (a dense boolean mask, then masked softmax), ``impl="naive"``;
-* ``pytorch.py``: ``impl="torch"``, dispatching per call among ``chunked.py`` (memory-frugal training path),
-  ``per_query.py`` (``q_block_size=1``) and ``inference.py`` (forward only, one selection for all heads);
+* ``pytorch.py``: ``impl="torch"``, forward and backward, tiling the work per call by query block
+  (``chunked.py``) or by key block (``per_query.py``: ``q_block_size=1`` and sparse per-token masks), every tile
+  through ``tiles.py`` (PyTorch's fused CPU flash-attention kernel, with the row log-sum-exp);
 * ``triton.py`` + ``metadata.py``: ``impl="triton"``, FlashAttention-style kernels over the selected key tiles
   (forward, dk/dv through the transposed tile lists, dq in its own pass), and the per-selection tile lists.
 """

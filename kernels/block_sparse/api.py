@@ -46,8 +46,8 @@ def block_sparse_attention(
             selections that differ between the queries of one block.
         key_mask: bool [B, Tk]: False = that key is never seen (padding).
         scale: logit scale, default hd**-0.5.
-        impl: ``"naive"`` (the definition: a dense mask), ``"torch"`` (the best PyTorch path: chunked, per-query
-            or forward-only, chosen per call), ``"triton"`` (the kernels; on CPU tensors only in the Triton
+        impl: ``"naive"`` (the definition: a dense mask), ``"torch"`` (the PyTorch path: tiled by query block or by
+            key block, chosen per call), ``"triton"`` (the kernels; on CPU tensors only in the Triton
             interpreter), ``"auto"`` (Triton on CUDA tensors of a Triton dtype, else ``"torch"``).
 
     Returns:

@@ -1,13 +1,15 @@
-"""``impl="torch"``: the best PyTorch path, chosen per call among the three PyTorch implementations.
+"""``impl="torch"``: the PyTorch path, forward and backward, choosing per call between two ways to tile the work.
 
-* ``inference.shared_selection_attention`` when no gradient is needed, one selection serves all heads
-  (``Hs == 1``) and query blocks hold more than one query;
-* ``per_query.per_query_attention`` for per-query selections (``q_block_size == 1``);
-* ``chunked.BlockSparseAttention`` (an autograd.Function that trains with about the memory of K and V)
-  otherwise.
+* ``chunked.BlockSparseAttention``: by query block, each block over the key blocks it selected;
+* ``per_query.PairAttention``: by key block, each block over the queries that selected it; for per-query
+  selections (``q_block_size == 1``) and for per-token masks under which the queries of a block select far fewer
+  blocks than their union (1-D causal BRA with query blocks: each query picks ~3 regions, a block of 16 queries
+  ~27), whose work by query block would be mostly masked away.
 
-Arguments as ``kernels.block_sparse.block_sparse_attention`` (already checked there); ``key_ok`` [B, nkb·bs]
-combines the key mask with the ragged tail of the last key block.
+Both run every tile through ``tiles.py`` (PyTorch's fused flash-attention kernel on CPU) and recompute in the
+backward pass from the output and its log-sum-exp, so training takes about the memory of dense fused attention.
+Per-head selections (``Hs == H``) become a batch of single-head problems. Arguments as
+``kernels.block_sparse.block_sparse_attention`` (already checked there).
 """
 
 from __future__ import annotations
@@ -17,93 +19,67 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunked import BlockSparseAttention
-from .inference import shared_selection_attention
-from .per_query import per_query_attention
+from .chunked import BlockSparseAttention, split_slots
+from .per_query import PairAttention, pair_chunks
 
 
 def torch_block_sparse_attention(
     q, k, v, kv_blocks, *, block_size: int, q_block_size: int, causal: bool, token_mask, key_mask, scale: float
 ) -> torch.Tensor:
     B, Tq, H, hd = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    Tk = k.shape[1]
     bs, qbs = block_size, q_block_size
+    if kv_blocks.shape[1] > 1:
+        return _per_head(q, k, v, kv_blocks, bs, qbs, causal, token_mask, key_mask, scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the tiles view K and V as rows of blocks
+    kv_blocks = kv_blocks[:, 0].long()  # [B, nqb, S]
+    token_mask = None if token_mask is None else token_mask[:, 0]  # [B, Tq, S]
     nqb, nkb = math.ceil(Tq / qbs), math.ceil(Tk / bs)
-    Hs, S = kv_blocks.shape[1], kv_blocks.shape[3]
     key_ok = torch.arange(nkb * bs, device=q.device) < Tk
     key_ok = key_ok & F.pad(key_mask, (0, nkb * bs - Tk)) if key_mask is not None else key_ok.expand(B, -1)
-    if (
-        Hs == 1
-        and qbs > 1
-        and q.device.type != "meta"
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    ):
-        return _shared_selection(q, k, v, kv_blocks[:, 0], bs, qbs, causal, token_mask, key_ok, scale)
-    if H != Hkv:
-        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-    N = B * H
-
-    def blocks(x, n, size):  # [B, T, H, hd] -> [N, n, size, hd], zero-padded to n·size
-        x = F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1]))
-        return x.view(B, n, size, H, hd).permute(0, 3, 1, 2, 4).reshape(N, n, size, hd)
-
-    idx = kv_blocks.expand(B, H, nqb, S).reshape(N, nqb, S)
-    slot_ok, idx = idx >= 0, idx.clamp_min(0)
+    k, v = (x if Tk == nkb * bs else F.pad(x, (0, 0, 0, 0, 0, nkb * bs - Tk)) for x in (k, v))
+    if _by_key_block(kv_blocks, token_mask, qbs):
+        chunks = pair_chunks(kv_blocks, token_mask, qbs, Tq, key_ok.view(B, nkb, bs), causal)
+        return PairAttention.apply(q, k, v, chunks, key_ok.view(B, nkb, bs), causal, scale)
     if token_mask is not None:
-        token_mask = F.pad(token_mask, (0, 0, 0, nqb * qbs - Tq))  # [B, Hs, nqb·qbs, S]
-        token_mask = token_mask.view(B, Hs, nqb, qbs, S).expand(B, H, nqb, qbs, S).reshape(N, nqb, qbs, S)
-    key_ok = key_ok.view(B, 1, nkb, bs).expand(B, H, nkb, bs).reshape(N, nkb, bs)
-    if qbs == 1 and q.device.type != "meta":  # per-query selections: group queries by key block (the meta
-        # device, used for FLOP counting, cannot run its data-dependent grouping and takes the chunked path)
-        ok = slot_ok if token_mask is None else slot_ok & token_mask.view(N, nqb, S)
-        out = per_query_attention(
-            blocks(q, nqb, 1).view(N, Tq, hd),
-            blocks(k, nkb, bs),
-            blocks(v, nkb, bs),
-            torch.where(ok, idx, -1),
-            key_ok,
-            causal,
-            scale,
-        )
-        return out.view(B, H, Tq, hd).transpose(1, 2)
-    chunk = max(1, nkb // max(2 * S, 1))  # query blocks per chunk: gathered keys ~ Tk / 2
-    out = BlockSparseAttention.apply(
-        blocks(q, nqb, qbs),
-        blocks(k, nkb, bs),
-        blocks(v, nkb, bs),
-        idx,
-        slot_ok,
-        token_mask,
-        key_ok,
-        causal,
-        scale,
-        chunk,
-    )  # [N, nqb, qbs, hd]
-    return out.view(B, H, nqb * qbs, hd)[:, :, :Tq].transpose(1, 2)
+        token_mask = F.pad(token_mask, (0, 0, 0, nqb * qbs - Tq))
+    groups = split_slots(kv_blocks, token_mask, qbs, bs, causal)
+    q = q if Tq == nqb * qbs else F.pad(q, (0, 0, 0, 0, 0, nqb * qbs - Tq))
+    return BlockSparseAttention.apply(q, k, v, groups, key_ok.view(B, nkb, bs), causal, scale, qbs)[:, :Tq]
 
 
-def _shared_selection(q, k, v, idx, bs, qbs, causal, token_mask, key_ok, scale):
-    """Forward only, one selection for all heads (idx [B, nqb, S], key_ok [B, nkb·bs]):
-    ``inference.shared_selection_attention`` on its layout."""
+def _by_key_block(kv_blocks, token_mask, qbs: int) -> bool:
+    """Tile by key block: per-query selections, or per-token masks selecting under half of their blocks' union
+    (the key-block tiles hold one block of keys and run at about half the rate of the query-block ones)."""
+    if kv_blocks.device.type == "meta":  # FLOP counting: the query-block tiling needs no data
+        return False
+    if qbs == 1:
+        return True
+    if token_mask is None:
+        return False
+    used = kv_blocks >= 0  # [B, nqb, S]
+    picked = token_mask & used.repeat_interleave(qbs, dim=1)[:, : token_mask.shape[1]]
+    return 2 * int(picked.sum()) < int(used.sum()) * qbs
+
+
+def _per_head(q, k, v, kv_blocks, bs, qbs, causal, token_mask, key_mask, scale):
+    """A selection per head: B·H single-head problems (K and V repeated for grouped-query heads)."""
     B, Tq, H, hd = q.shape
-    nqb, S, nkb = idx.shape[1], idx.shape[2], key_ok.shape[1] // bs
+    rep = H // k.shape[2]
 
-    def pad(x, n, size):  # [B, T, h, hd] -> [B, n, size, h, hd]; a view when T = n·size
-        x = x if x.shape[1] == n * size else F.pad(x, (0, 0, 0, 0, 0, n * size - x.shape[1]))
-        return x.view(B, n, size, *x.shape[2:])
+    def fold(x):  # [B, T, H, hd] -> [B·H, T, 1, hd]
+        return x.repeat_interleave(rep, dim=2).transpose(1, 2).reshape(B * H, -1, 1, hd)
 
-    if token_mask is not None:
-        token_mask = F.pad(token_mask[:, 0], (0, 0, 0, nqb * qbs - Tq)).view(B, nqb, qbs, S)
-    out = shared_selection_attention(
-        pad(q, nqb, qbs),
-        pad(k, nkb, bs),
-        pad(v, nkb, bs),
-        idx.clamp_min(0),
-        idx >= 0,
-        token_mask,
-        key_ok.view(B, nkb, bs),
-        causal,
-        scale,
-        max(1, nkb // max(8 * S, 1)),  # gathered keys ~ Tk / 8
-    )  # [B, nqb, qbs, H, hd]
-    return out.view(B, nqb * qbs, H, hd)[:, :Tq]
+    out = torch_block_sparse_attention(
+        q.transpose(1, 2).reshape(B * H, Tq, 1, hd),
+        fold(k),
+        fold(v),
+        kv_blocks.reshape(B * H, 1, *kv_blocks.shape[2:]),
+        block_size=bs,
+        q_block_size=qbs,
+        causal=causal,
+        token_mask=None if token_mask is None else token_mask.reshape(B * H, 1, *token_mask.shape[2:]),
+        key_mask=None if key_mask is None else key_mask.repeat_interleave(H, dim=0),
+        scale=scale,
+    )
+    return out.view(B, H, Tq, hd).transpose(1, 2)

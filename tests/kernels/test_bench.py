@@ -74,3 +74,22 @@ def test_parse_size_and_unknown_benchmark():
     run.add_arguments(parser)
     with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
         run.run(["nope"], parser.parse_args([]))
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    """clock="cpu" counts this process's CPU time: a call that sleeps 0.1 s costs ~0 of it, one that computes
+    costs about its wall time (one thread); the wall clock sees both."""
+    x = torch.randn(256, 256)
+
+    def work():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            x @ x
+
+    fns = {"sleep": lambda: time.sleep(0.1), "work": work}
+    wall = harness.time_interleaved(fns, rounds=2, clock="wall")
+    cpu = harness.time_interleaved(fns, rounds=2, clock="cpu")
+    assert wall["sleep"] >= 0.1 and wall["work"] >= 0.1
+    assert cpu["sleep"] < 0.02 and cpu["work"] > 0.02  # busy, even if the machine gave this process a fifth
+    with pytest.raises(ValueError, match="clock must be one of"):
+        harness.time_interleaved(fns, rounds=1, clock="gpu")

@@ -10,9 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.block_sparse.pytorch
 from kernels.block_sparse import block_sparse_attention
 from kernels.block_sparse.metadata import build_layout
 from kernels.block_sparse.naive import dense_mask, gather_attention, reference_attention
+from kernels.block_sparse.tiles import (
+    plain_attention,
+    plain_attention_backward,
+    tile_attention,
+    tile_attention_backward,
+)
 from kernels.common import poisoned_outputs
 
 from .conftest import DEVICE, IMPL_DTYPES, check
@@ -93,7 +100,7 @@ def test_matches_naive(case, impl, dtype):
     check("block_sparse_attention", impl, dtype, "out", out, ref)
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         check("block_sparse_attention", impl, dtype, name, a, b)
-    if impl == "torch" and kw["q_block_size"] != 1 and sel.shape[1] == 1:  # torch's forward-only path
+    if impl == "torch":  # the forward alone, outside autograd
         with torch.no_grad():
             check(
                 "block_sparse_attention",
@@ -103,6 +110,70 @@ def test_matches_naive(case, impl, dtype):
                 block_sparse_attention(*qkv, sel, impl=impl, **kw),
                 ref,
             )
+
+
+@pytest.mark.parametrize("tiling", ["query blocks", "key blocks"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: IDS.format(*c))
+def test_each_torch_tiling_matches_naive(case, tiling, monkeypatch):
+    """impl="torch" tiles the work by query block or by key block, chosen from the selection: each tiling forced
+    on every case (fp32), output and every gradient."""
+    monkeypatch.setattr(kernels.block_sparse.pytorch, "_by_key_block", lambda *args: tiling == "key blocks")
+    qkv, sel, kw = make_case(case, torch.float32)
+    dout = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
+    ref, ref_grads = attention_and_grads([t.double() for t in qkv], sel, kw, "naive", dout)
+    out, grads = attention_and_grads(qkv, sel, kw, "torch", dout)
+    check("block_sparse_attention", "torch", torch.float32, f"out ({tiling})", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check("block_sparse_attention", "torch", torch.float32, f"{name} ({tiling})", a, b)
+
+
+@pytest.mark.parametrize("q_block_size", [32, 1])
+def test_torch_path_keeps_for_backward_only_inputs_output_and_row_statistics(q_block_size):
+    """The backward pass recomputes the attention: autograd keeps q, k, v, the output and per-row statistics
+    (log-sum-exp), not the gathered keys nor any score matrix."""
+    g = torch.Generator().manual_seed(9)
+    B, T, H, Hkv, hd, bs = 1, 512, 4, 2, 16, 32
+    q = torch.randn(B, T, H, hd, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, T, Hkv, hd, generator=g, requires_grad=True) for _ in range(2))
+    sel = random_selection(g, B, 1, T // q_block_size, T // bs, 6, True, q_block_size, bs)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block_sparse_attention(q, k, v, sel, block_size=bs, q_block_size=q_block_size, causal=True)
+    tensors = 4 * (q.numel() + k.numel() + v.numel() + out.numel())
+    stats = 4 * B * T * H + T  # float32 log-sum-exp per row and head, bool per key
+    assert sum(saved) <= tensors + stats, (sum(saved), tensors + stats)
+    assert sum(saved) >= tensors  # the hook saw the saved tensors (the test is not vacuous)
+
+
+def test_tile_attention_fused_and_plain_match_a_float64_reference():
+    """The two tile implementations (PyTorch's fused CPU kernel, plain matmuls) against autograd on a float64
+    transcription: output, log-sum-exp of the rows that see a key, and dq, dk, dv from the final output and
+    log-sum-exp; some rows see no key."""
+    g = torch.Generator().manual_seed(10)
+    n, h, L, S, hd, scale = 3, 2, 7, 11, 8, 0.4
+    q, k, v = (torch.randn(n, h, m, hd, generator=g, dtype=torch.float64) for m in (L, S, S))
+    seen = torch.rand(n, 1, L, S, generator=g) < 0.6
+    seen[0, 0, 2] = False  # a row that sees nothing
+    bias = torch.zeros(n, 1, L, S, dtype=torch.float64).masked_fill(~seen, float("-inf"))
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    s = (q64 @ k64.transpose(-1, -2)) * scale + bias
+    row = seen.any(-1).expand(n, h, L)
+    ref = (torch.softmax(s.masked_fill(~row[..., None], 0.0), -1) * row[..., None]) @ v64  # empty row: 0
+    ref_lse = torch.logsumexp(s.detach(), -1)
+    dout = torch.randn(n, h, L, hd, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    lse = torch.where(row, ref_lse, 0.0)
+    for forward, backward in ((tile_attention, tile_attention_backward), (plain_attention, plain_attention_backward)):
+        out, got_lse = forward(q, k, v, bias, scale)
+        torch.testing.assert_close(out, ref.detach())
+        torch.testing.assert_close(got_lse[row], ref_lse[row])
+        for a, b in zip(backward(dout, q, k, v, ref.detach(), lse, bias, scale), ref_grads):
+            torch.testing.assert_close(a, b)
 
 
 def test_some_rows_select_no_block():
@@ -246,3 +317,19 @@ def test_auto_is_torch_on_cpu_and_triton_needs_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("q_block_size", [None, 1])
+def test_torch_path_takes_non_contiguous_inputs(q_block_size):
+    """q, k, v as transposed views ([B, H, T, hd] memory, as a model's projections may give them): the same
+    output and gradients as naive."""
+    case = (2, 4, 2, 48, 8, 8, q_block_size, 3, 1, True, False, False)  # T a multiple of the block: no padding copy
+    qkv, sel, kw = make_case(case, torch.float32)
+    qkv = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv]
+    assert not qkv[1].is_contiguous()
+    dout = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEVICE)
+    ref, ref_grads = attention_and_grads([t.double() for t in qkv], sel, kw, "naive", dout)
+    out, grads = attention_and_grads(qkv, sel, kw, "torch", dout)
+    check("block_sparse_attention", "torch", torch.float32, "out (non-contiguous)", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check("block_sparse_attention", "torch", torch.float32, f"{name} (non-contiguous)", a, b)

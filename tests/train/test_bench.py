@@ -22,6 +22,7 @@ TINY = {
     "duo-oracle": {"layers": 2, "d_model": 16, "batch": 1, "seq_len": 16},
     "pattention": {"tokens": 64, "d": 16, "n": 32},
     "routed_ffn": {"tokens": 64, "D": 16, "d_ff": 64, "p_big": 0.25},
+    "sparse-train": {"T": 256, "region": 32, "topk": 2, "budget": 64, "chunk": 16},
 }
 
 
