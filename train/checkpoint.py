@@ -6,10 +6,15 @@ Layout of a run directory ``runs/<config-name>/<timestamp>/``::
     checkpoints/step-000500.ckpt    Lightning checkpoints (model, optimizer, schedule, loop state)
     model/                          model.safetensors + config.yaml, exported at the end of fit
     tb/, csv/                       TensorBoard and CSV logs
+
+Released weights of a published model (``eval``/``info --weights FILE`` with a config YAML): the authors'
+``torch.save({"model": state_dict, ...})`` file, read with ``weights_only=True`` and mapped onto our module names by
+the model kind's converter (``RELEASED_CONVERTERS``), then loaded strictly.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import zipfile
@@ -146,3 +151,78 @@ def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "c
         raise CheckpointError(f"{target}: weights do not fit the model of its config: {first}") from None
     on_load(model, cfg)
     return cfg, model.to(map_location).eval()
+
+
+def load_target(target: str | os.PathLike, overrides=(), weights: str | os.PathLike | None = None):
+    """(config, model) for ``eval``/``info``-like commands: ``load_trained(target, overrides)``, or with ``weights``
+    (a released checkpoint file) the config YAML ``target`` with those weights (``load_released``)."""
+    if weights is None:
+        return load_trained(target, overrides)
+    from .config import load_config
+
+    cfg = load_config(target, overrides)
+    return cfg, load_released(cfg, weights)
+
+
+def _released_converters() -> dict:
+    """model.kind -> converter of that kind's released checkpoints (a state dict in their names -> ours)."""
+    from arch.biformer import convert_official_state_dict
+
+    return {"biformer": convert_official_state_dict}
+
+
+def read_released(path: str | os.PathLike, kind: str) -> dict:
+    """The state dict of a released checkpoint ``path`` for ``model.kind`` ``kind``, in our names. The file is
+    read with ``weights_only=True`` (``argparse.Namespace`` allowed: training scripts save their ``args``)."""
+    converters = _released_converters()
+    if kind not in converters:
+        raise CheckpointError(
+            f"--weights: released checkpoints load for model.kind {', '.join(converters)}; "
+            f"this config's model.kind is {kind!r}"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights: {path}: no such file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"--weights: {path}: cannot be read with weights_only=True ({first}); save its weights alone, "
+            "e.g. torch.save({'model': ckpt['model']}, 'weights.pth'), where the file can be trusted"
+        ) from None
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.get("model", ckpt).values()):
+        raise CheckpointError(f"--weights: {path}: expected a state dict or a dict with a 'model' state dict")
+    try:
+        return converters[kind](ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"--weights: {path}: {e}") from None
+
+
+def load_state_strictly(model: torch.nn.Module, state: dict, source: str) -> None:
+    """``model.load_state_dict(state)`` (strict), with an error naming the missing, unexpected and mis-shaped keys
+    (at most three of each) instead of torch's full listing."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = []
+    for what, keys in (
+        ("missing", [k for k in want if k not in got]),
+        ("unexpected", [k for k in got if k not in want]),
+        ("shape", [f"{k} {list(got[k])} (model: {list(want[k])})" for k in want if k in got and got[k] != want[k]]),
+    ):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model of the config: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_released(cfg: dict, path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
+    """The model of ``cfg`` (a validated config) with the released weights of ``path`` loaded strictly, in eval mode."""
+    from arch import build_model
+
+    model = build_model(cfg["model"])
+    load_state_strictly(model, read_released(path, cfg["model"]["kind"]), f"--weights {path}")
+    return model.to(map_location).eval()

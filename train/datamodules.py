@@ -102,6 +102,10 @@ class ImageDataModule(L.LightningDataModule):
         x, y = batch  # [B, C, S, S] in [0, 1], [B]
         if self.trainer is not None and self.trainer.training:
             x = random_resized_crop(x, self.augment["crop_scale"], self.augment["hflip"], self._gen)
+        return self.normalize(x), y
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel ``(x - mean) / std`` with the source's statistics. x: [B, C, S, S] in [0, 1]."""
         mean = torch.tensor(self.source.mean, device=x.device)[:, None, None]
         std = torch.tensor(self.source.std, device=x.device)[:, None, None]
-        return (x - mean) / std, y
+        return (x - mean) / std

@@ -1,6 +1,9 @@
 """Resolved config, per-layer block table, parameter count and FLOPs per token of a config.
 
 python -m train info configs/lm/gpt-tiny.yaml [dotted.key=value ...]
+python -m train info configs/paper/biformer-t.yaml --weights biformer_tiny_best.pth
+
+``--weights``: also check that a released checkpoint of the config's model converts and loads strictly.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from arch import build_model
 
-from .cli import add_target
+from .cli import add_target, add_weights
 from .config import load_config, task_of
 from .methods import load_methods
 
@@ -42,9 +45,10 @@ def _spec(spec: dict) -> str:
 
 
 def image_forward_flops(model_cfg: dict, size: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of one ``size``×``size`` image, counted on the meta device."""
+    """Forward FLOPs (2 per multiply-add) of one ``size``×``size`` image, counted on the meta device in eval mode
+    (a training-mode BatchNorm cannot take one image whose last stage is 1×1)."""
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = build_model(model_cfg).eval()
         with FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, model_cfg["in_chans"], size, size))
     return counter.get_total_flops()
@@ -69,11 +73,26 @@ def classifier_info(cfg: dict) -> dict:
     return {"params": params, "forward_flops": flops, "paper": paper}
 
 
-def info(config_path: str, overrides=()) -> dict:
+def released_info(cfg: dict, weights: str) -> dict:
+    """Load the released checkpoint ``weights`` strictly into the config's model; count what it holds."""
+    from .checkpoint import load_released
+
+    model = load_released(cfg, weights)
+    state = model.state_dict()
+    return {"tensors": len(state), "params": count_params(model)["total"]}
+
+
+def info(config_path: str, overrides=(), weights: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)
+    loaded = released_info(cfg, weights) if weights is not None else None
     print(f"# resolved config of {config_path}\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    if loaded is not None:
+        print(
+            f"weights: {weights} loaded strictly (released checkpoint, converted): {loaded['tensors']} tensors, "
+            f"{loaded['params']:,} parameters"
+        )
     if task_of(cfg) == "classification":
-        return classifier_info(cfg)
+        return {**classifier_info(cfg), "weights": loaded}
     with torch.device("meta"):
         model = build_model(cfg["model"])
     rows = model.layer_table() if hasattr(model, "layer_table") else []
@@ -96,7 +115,8 @@ def info(config_path: str, overrides=()) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_target(p, "config YAML")
+    add_weights(p)
 
 
 def run(args: argparse.Namespace) -> None:
-    info(args.target, args.overrides)
+    info(args.target, args.overrides, args.weights)
