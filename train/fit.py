@@ -3,7 +3,8 @@
     python -m train fit configs/lm/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT | --init-from PATH]
 
 Everything is validated before anything is written. The run directory ``<trainer.out_dir>/<name>/<timestamp>``
-receives config.yaml, checkpoints/, model/ (the exported weights), tb/ and csv/.
+receives config.yaml, checkpoints/, model/ (the exported weights; also model-ema/ for a classifier with
+optim.ema_decay), tb/ and csv/.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .runs import RUN_DIR_ENV, make_run_dir
 
 
 def fit(config_path: str, overrides=(), resume: str | None = None, init_from: str | None = None) -> dict:
-    """Train; returns {"run_dir", "val_loss", and "val_bpb" (LMs) or "val_acc1", "val_acc5" (classifiers)}.
+    """Train; returns {"run_dir", "val_loss", and "val_bpb" (LMs) or "val_acc1", "val_acc5" (classifiers; with
+    optim.ema_decay also "val_ema_loss", "val_ema_acc1", "val_ema_acc5" of the EMA weights, exported to model-ema/)}.
 
     ``init_from``: a checkpoint, run dir or exported model dir whose weights start the run, with a fresh
     optimizer, schedule and step count; see ``init_source``."""
@@ -99,6 +101,10 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     classify = task_of(cfg) == "classification"
     if classify and (resume or init_from):
         raise ConfigError("--resume / --init-from: implemented for language models only")
+    if classify:
+        from .images import require_timm
+
+        require_timm(cfg["data"]["augment"])
     if init_from and resume:
         raise ConfigError(
             "--init-from and --resume exclude each other: resume continues a run, "
@@ -143,6 +149,10 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
         save_pretrained(module.model, run_dir / "model")
     if classify:
         result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
+    if classify and module.ema is not None:
+        result.update({f"val_ema_{k}": float(val[f"val_ema/{k}"]) for k in ("loss", "acc1", "acc5")})
+        if trainer.is_global_zero:
+            save_pretrained(module.ema.module, run_dir / "model-ema")
     else:
         result["val_bpb"] = bits_per_byte(result["val_loss"], data.bytes_per_token)
     if trainer.is_global_zero:
@@ -156,6 +166,12 @@ def report(cfg: dict, result: dict, data, model: torch.nn.Module, run_dir: Path)
         print(
             f"validation: loss {result['val_loss']:.4f}, top-1 {100 * result['val_acc1']:.2f}%, "
             f"top-5 {100 * result['val_acc5']:.2f}% (all {len(data.splits['validation'])} held-out images)"
+        )
+    if "val_ema_acc1" in result:
+        print(
+            f"validation of the EMA weights (optim.ema_decay={cfg['optim']['ema_decay']}): loss "
+            f"{result['val_ema_loss']:.4f}, top-1 {100 * result['val_ema_acc1']:.2f}%, top-5 "
+            f"{100 * result['val_ema_acc5']:.2f}%; exported {run_dir / 'model-ema'}"
         )
     else:
         print(
