@@ -82,6 +82,37 @@ def require_timm(augment: dict) -> None:
             f"data.augment.{used[0]} needs timm ({e}); install it with: pip install '.[vision]' "
             f"(or set {', '.join(f'data.augment.{k}' for k in used)} off)"
         ) from None
+    if augment["rand_augment"]:
+        rand_augment(augment["rand_augment"], [0.5], 32)  # a malformed config string fails here
+        check_posterize()
+
+
+def check_posterize() -> None:
+    """timm's RandAugment posterizes to 0 bits at magnitude 10 (reached with ``mstd`` noise); Pillow 13 rejects 0
+    bits (Pillow <= 12 returns a black image, which DeiT trained with), so such a run would crash at a random step."""
+    from PIL import Image, __version__
+    from timm.data.auto_augment import posterize
+
+    try:
+        posterize(Image.new("L", (1, 1)), 0)
+    except ValueError as e:
+        raise ConfigError(
+            f"data.augment.rand_augment: timm's RandAugment posterizes to 0 bits, which Pillow {__version__} rejects "
+            f"({e}); install Pillow < 13 (pip install '.[vision]' pins it)"
+        ) from None
+
+
+def rand_augment(config: str, mean: list[float], image_size: int):
+    """timm's RandAugment transform (PIL -> PIL) with the hyper-parameters of timm's ``create_transform``: translations
+    up to 0.45 of the image size, the mean colour as fill."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": fill if len(fill) == 3 else fill[0]}
+    try:
+        return rand_augment_transform(config, hparams)
+    except Exception as e:  # timm raises assertion/key/value errors for a malformed config string
+        raise ConfigError(f"data.augment.rand_augment: {config!r} is not a timm RandAugment config ({e!r})") from None
 
 
 def to_pil(x: torch.Tensor):
@@ -102,15 +133,7 @@ class RandAugmented(Dataset):
     """A dataset of (image [C, S, S] in [0, 1], label) with timm's RandAugment applied to each image (in PIL)."""
 
     def __init__(self, ds: Dataset, config: str, mean: list[float], image_size: int):
-        from timm.data.auto_augment import rand_augment_transform
-
-        self.ds = ds
-        fill = tuple(min(255, round(255 * m)) for m in mean)  # as timm's create_transform: fill with the mean colour
-        hparams = {"translate_const": int(image_size * 0.45), "img_mean": fill if len(fill) == 3 else fill[0]}
-        try:
-            self.transform = rand_augment_transform(config, hparams)
-        except Exception as e:  # timm raises assertion/key errors for a malformed config string
-            raise ConfigError(f"data.augment.rand_augment: {config!r} is not a timm RandAugment config ({e})") from None
+        self.ds, self.transform = ds, rand_augment(config, mean, image_size)
 
     def __len__(self) -> int:
         return len(self.ds)

@@ -127,3 +127,49 @@ def test_full_deit_recipe_trains_with_timm(tmp_path, capsys):
     out = fit(DIGITS, micro(tmp_path, **extra))
     assert torch.isfinite(torch.tensor(out["val_loss"])) and 0.0 <= out["val_ema_acc1"] <= 1.0
     assert "validation of the EMA weights" in capsys.readouterr().out
+
+
+def test_malformed_rand_augment_is_a_config_error_before_anything_is_written(tmp_path):
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError, match="data.augment.rand_augment: 'rnd-m9' is not a timm RandAugment config"):
+        fit(DIGITS, micro(tmp_path, **{"data.augment.rand_augment": "rnd-m9"}))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_smoothing_in_the_loss_equals_deits_smoothed_mixup_targets():
+    """DeiT: timm's Mixup(label_smoothing=0.1) targets with SoftTargetCrossEntropy; ours: unsmoothed Mixup targets
+    with cross_entropy(label_smoothing=0.1). Same draws (seeded), same loss."""
+    pytest.importorskip("timm")
+    import random
+
+    import numpy as np
+    from timm.data.mixup import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from train.images import mixup
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 7, (8,), generator=g)
+    logits = torch.randn(8, 7, generator=g, dtype=torch.float64)
+    for seed in range(6):  # mixup and cutmix batches both occur
+        random.seed(seed), np.random.seed(seed)
+        _, theirs = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=7)(x.clone(), y)
+        random.seed(seed), np.random.seed(seed)
+        _, ours = mixup({"mixup": 0.8, "cutmix": 1.0}, 7)(x.clone(), y)
+        want = SoftTargetCrossEntropy()(logits, theirs.double())
+        torch.testing.assert_close(F.cross_entropy(logits, ours.double(), label_smoothing=0.1), want)
+
+
+def test_a_pillow_that_rejects_timms_zero_bit_posterize_is_a_config_error(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    from PIL import ImageOps
+
+    def posterize(img, bits):  # Pillow 13's check
+        if not 1 <= bits <= 8:
+            raise ValueError("bits must be between or equal to 1 and 8")
+        return img
+
+    monkeypatch.setattr(ImageOps, "posterize", posterize)
+    with pytest.raises(ConfigError, match="timm's RandAugment posterizes to 0 bits, which Pillow .* rejects"):
+        fit(DIGITS, micro(tmp_path, **{"data.augment.rand_augment": "rand-m9-mstd0.5-inc1"}))
+    assert not (tmp_path / "runs").exists()
