@@ -147,12 +147,12 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     result = {"run_dir": run_dir, "val_loss": float(val["val/loss"])}
     if trainer.is_global_zero:
         save_pretrained(module.model, run_dir / "model")
-    if classify:
-        result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
     if classify and module.ema is not None:
         result.update({f"val_ema_{k}": float(val[f"val_ema/{k}"]) for k in ("loss", "acc1", "acc5")})
         if trainer.is_global_zero:
             save_pretrained(module.ema.module, run_dir / "model-ema")
+    if classify:
+        result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
     else:
         result["val_bpb"] = bits_per_byte(result["val_loss"], data.bytes_per_token)
     if trainer.is_global_zero:
