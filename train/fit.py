@@ -167,16 +167,16 @@ def report(cfg: dict, result: dict, data, model: torch.nn.Module, run_dir: Path)
             f"validation: loss {result['val_loss']:.4f}, top-1 {100 * result['val_acc1']:.2f}%, "
             f"top-5 {100 * result['val_acc5']:.2f}% (all {len(data.splits['validation'])} held-out images)"
         )
+    else:
+        print(
+            f"validation loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte "
+            f"(held-out, {cfg['data']['val_batches'] or 'all'} batches)"
+        )
     if "val_ema_acc1" in result:
         print(
             f"validation of the EMA weights (optim.ema_decay={cfg['optim']['ema_decay']}): loss "
             f"{result['val_ema_loss']:.4f}, top-1 {100 * result['val_ema_acc1']:.2f}%, top-5 "
             f"{100 * result['val_ema_acc5']:.2f}%; exported {run_dir / 'model-ema'}"
-        )
-    else:
-        print(
-            f"validation loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte "
-            f"(held-out, {cfg['data']['val_batches'] or 'all'} batches)"
         )
     print(f"exported {run_dir / 'model'} (model.safetensors + config.yaml)")
     if "val_bpb" in result and cfg["trainer"]["sample_tokens"] > 0:
