@@ -80,22 +80,31 @@ def evaluate_classifier(cfg: dict, model, target: str) -> dict:
 
 
 def evaluate(target: str, overrides=(), weights: str | None = None) -> dict:
+    """Evaluate on the whole held-out split; a non-finite loss (diverged weights) raises ``NonFiniteLossError``."""
     from .checkpoint import load_target
     from .config import task_of
     from .datamodules import LMDataModule
+    from .errors import NonFiniteLossError
 
-    cfg, model = load_target(target, overrides, weights)
+    cfg, model = load_target(target, overrides, weights, report=True)
     if weights is not None:
         print(f"weights: {weights} (released checkpoint, converted and loaded strictly)")
     if task_of(cfg) == "classification":
-        return evaluate_classifier(cfg, model, target)
-    data = LMDataModule(cfg, full_validation=True)
-    data.setup()
-    print(
-        f"eval {target}: {cfg['data']['source']['type']} validation split, windows of {cfg['data']['seq_len']} tokens"
-    )
-    r = evaluate_model(model, data)
-    print(f"val loss {r['loss']:.4f} nats/token | {r['bpb']:.4f} bits/byte | ppl {r['ppl']:.3f} | {r['tokens']} tokens")
+        r = evaluate_classifier(cfg, model, target)
+    else:
+        data = LMDataModule(cfg, full_validation=True)
+        data.setup()
+        print(
+            f"eval {target}: {cfg['data']['source']['type']} validation split, windows of {cfg['data']['seq_len']} "
+            "tokens"
+        )
+        r = evaluate_model(model, data)
+        print(
+            f"val loss {r['loss']:.4f} nats/token | {r['bpb']:.4f} bits/byte | ppl {r['ppl']:.3f} | "
+            f"{r['tokens']} tokens"
+        )
+    if not math.isfinite(r["loss"]):
+        raise NonFiniteLossError(f"{target}: the held-out loss is {r['loss']}: these weights are diverged")
     return r
 
 

@@ -82,6 +82,16 @@ def released_info(cfg: dict, weights: str) -> dict:
     return {"tensors": len(state), "params": count_params(model)["total"]}
 
 
+def memory_report(cfg: dict) -> bool:
+    """Print the memory estimate of training the config here (``train.runs.estimate_memory``), with a warning
+    when it exceeds the memory available (``fit`` refuses such a config); returns whether it fits."""
+    from .runs import memory_line
+
+    line, fits = memory_line(cfg, training=True)
+    print(f"memory: {line}" if fits else f"warning: too large to train here: {line}")
+    return fits
+
+
 def info(config_path: str, overrides=(), weights: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)
     loaded = released_info(cfg, weights) if weights is not None else None
@@ -92,7 +102,8 @@ def info(config_path: str, overrides=(), weights: str | None = None) -> dict:
             f"{loaded['params']:,} parameters"
         )
     if task_of(cfg) == "classification":
-        return {**classifier_info(cfg), "weights": loaded}
+        out = classifier_info(cfg)
+        return {**out, "fits_in_memory": memory_report(cfg), "weights": loaded}
     with torch.device("meta"):
         model = build_model(cfg["model"])
     rows = model.layer_table() if hasattr(model, "layer_table") else []
@@ -110,7 +121,7 @@ def info(config_path: str, overrides=(), weights: str | None = None) -> dict:
     for method in load_methods().values():
         for line in method.describe(model):
             print(f"  {line}")
-    return {"params": params, "forward_flops_per_token": flops}
+    return {"params": params, "forward_flops_per_token": flops, "fits_in_memory": memory_report(cfg)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

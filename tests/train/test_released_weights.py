@@ -69,8 +69,8 @@ def test_released_weights_that_do_not_fit_are_clear_errors(tmp_path, capsys):
     wide = {k: torch.zeros(v.shape) for k, v in wide.items()}
     assert main(["eval", DIGITS, *SMALL, "--weights", save_released(tmp_path / "wide.pth", wide)]) == 2
     err = capsys.readouterr().err
-    assert "weights do not fit the model of the config" in err and "shape: downsample.3.0.weight [80, 48, 3, 3]" in err
-    assert "(model: [64])" in err
+    assert "weights do not fit the model of the config" in err
+    assert "shape mismatch: downsample.3.0.weight (80, 48, 3, 3) in the file, (64, 48, 3, 3) in the model" in err
 
     sd = released_state_dict(DEPTHS, DIMS, num_classes=10, in_chans=1, gen=torch.Generator().manual_seed(0))
     extra = save_released(tmp_path / "extra.pth", {**sd, "stages.0.0.attn.router.emb.weight": torch.zeros(2)})
@@ -79,7 +79,7 @@ def test_released_weights_that_do_not_fit_are_clear_errors(tmp_path, capsys):
 
     missing = save_released(tmp_path / "missing.pth", {k: v for k, v in sd.items() if k != "head.bias"})
     assert main(["info", DIGITS, *SMALL, "--weights", missing]) == 2
-    assert "1 missing: head.bias" in capsys.readouterr().err
+    assert "missing: head.bias" in capsys.readouterr().err
 
 
 def test_released_weights_of_other_kinds_and_files_are_clear_errors(released, tmp_path, capsys):
