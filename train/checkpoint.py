@@ -206,10 +206,15 @@ class PeriodicCheckpoint(Checkpoint):
             pl_module.check_finite(dropped=self.written_step)
 
     def _confirm_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Confirm the pending checkpoint with a forward pass of the last training batch on its weights."""
+        """Confirm the pending checkpoint with a forward pass of the last training batch on its weights. The pass
+        leaves no trace: buffers it updates (BatchNorm statistics) are restored, so the weights that go on to be
+        validated and exported are the checkpoint's."""
         if self.pending is not None and self._batch is not None:
-            with trainer.precision_plugin.train_step_context():
+            buffers = [(b, b.clone()) for b in pl_module.model.buffers()]  # the model's, not the NaN flag
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
                 pl_module.record_finite(pl_module.loss(self._batch).detach())
+            for b, saved in buffers:
+                b.copy_(saved)
         self._confirm(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
