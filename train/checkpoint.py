@@ -210,7 +210,7 @@ class PeriodicCheckpoint(Checkpoint):
         leaves no trace: buffers it updates (BatchNorm statistics) are restored, so the weights that go on to be
         validated and exported are the checkpoint's."""
         if self.pending is not None and self._batch is not None:
-            buffers = [(b, b.clone()) for b in pl_module.model.buffers()]  # the model's, not the NaN flag
+            buffers = [(b, b.clone()) for name, b in pl_module.named_buffers() if name != "first_bad_step"]
             with torch.no_grad(), trainer.precision_plugin.train_step_context():
                 pl_module.record_finite(pl_module.loss(self._batch).detach())
             for b, saved in buffers:
