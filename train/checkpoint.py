@@ -12,10 +12,15 @@ A checkpoint is kept only once a loss computed with its weights is finite: it is
 ``step-N.ckpt.unconfirmed`` and renamed to ``step-N.ckpt`` after the next training batch's loss (or, at the end
 of training and on a signal, a forward pass of the last batch); a non-finite loss deletes it and stops the run.
 A run that diverges on the update just before a checkpoint therefore never leaves that checkpoint behind.
+
+Released weights of a published model (``eval``/``info --weights FILE`` with a config YAML): the authors'
+``torch.save({"model": state_dict, ...})`` file, read with ``weights_only=True`` and mapped onto our module names by
+the model kind's converter (``_released_converters``), then loaded strictly.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -201,10 +206,15 @@ class PeriodicCheckpoint(Checkpoint):
             pl_module.check_finite(dropped=self.written_step)
 
     def _confirm_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Confirm the pending checkpoint with a forward pass of the last training batch on its weights."""
+        """Confirm the pending checkpoint with a forward pass of the last training batch on its weights. The pass
+        leaves no trace: buffers it updates (BatchNorm statistics) are restored, so the weights that go on to be
+        validated and exported are the checkpoint's."""
         if self.pending is not None and self._batch is not None:
-            with trainer.precision_plugin.train_step_context():
+            buffers = [(b, b.clone()) for name, b in pl_module.named_buffers() if name != "first_bad_step"]
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
                 pl_module.record_finite(pl_module.loss(self._batch).detach())
+            for b, saved in buffers:
+                b.copy_(saved)
         self._confirm(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -306,6 +316,66 @@ def load_trained(target: str | os.PathLike, overrides=(), map_location: Any = "c
     if report:
         report_load(saved, cfg, overrides, model)
     return cfg, model.to(map_location).eval()
+
+
+def load_target(target: str | os.PathLike, overrides=(), weights: str | os.PathLike | None = None, report=False):
+    """(config, model) for ``eval``/``info``-like commands: ``load_trained(target, overrides, report=report)``, or
+    with ``weights`` (a released checkpoint file) the config YAML ``target`` with those weights (``load_released``)."""
+    if weights is None:
+        return load_trained(target, overrides, report=report)
+    from .config import load_config
+
+    cfg = load_config(target, overrides)
+    return cfg, load_released(cfg, weights)
+
+
+def _released_converters() -> dict:
+    """model.kind -> converter of that kind's released checkpoints (a state dict in their names -> ours)."""
+    from arch.biformer import convert_official_state_dict
+
+    return {"biformer": convert_official_state_dict}
+
+
+def read_released(path: str | os.PathLike, kind: str) -> dict:
+    """The state dict of a released checkpoint ``path`` for ``model.kind`` ``kind``, in our names. The file is
+    read with ``weights_only=True`` (``argparse.Namespace`` allowed: training scripts save their ``args``)."""
+    converters = _released_converters()
+    if kind not in converters:
+        raise CheckpointError(
+            f"--weights: released checkpoints load for model.kind {', '.join(converters)}; "
+            f"this config's model.kind is {kind!r}"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights: {path}: no such file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"--weights: {path}: cannot be read with weights_only=True ({first}); save its weights alone, "
+            "e.g. torch.save({'model': ckpt['model']}, 'weights.pth'), where the file can be trusted"
+        ) from None
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.get("model", ckpt).values()):
+        raise CheckpointError(f"--weights: {path}: expected a state dict or a dict with a 'model' state dict")
+    try:
+        return converters[kind](ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"--weights: {path}: {e}") from None
+
+
+def load_released(cfg: dict, path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
+    """The model of ``cfg`` (a validated config) with the released weights of ``path`` loaded strictly, in eval mode."""
+    from arch import build_model
+
+    model = build_model(cfg["model"])
+    state = read_released(path, cfg["model"]["kind"])
+    problem = state_mismatch(model, {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise CheckpointError(f"--weights {path}: weights do not fit the model of the config: {problem}")
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval()
 
 
 def _flat(d: Any, prefix: str) -> dict:

@@ -71,6 +71,15 @@ def add_target(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value (OmegaConf dotlist)")
 
 
+def add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="a released checkpoint of the target config's model (the authors' torch.save file, e.g. BiFormer's "
+        "{'model': state_dict}), converted to this repo's names and loaded strictly (weights_only=True)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     table = commands()

@@ -52,6 +52,8 @@ class OptimConfig:
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    label_smoothing: float = 0.0  # image classification: cross-entropy against (1 - ε) one-hot + ε / classes
+    ema_decay: float = 0.0  # image classification: EMA of the weights per optimizer step, evaluated too; 0 = off
     # methods add their own optim.* keys (train.methods.Method.optim_fields)
 
 
@@ -193,6 +195,7 @@ def _check_data(cfg: dict) -> None:
         )
     if task == "classification":
         data["augment"] = check_fields(data["augment"], fields_of_dataclass(images.AugmentConfig), "data.augment")
+        images.check_augment(data["augment"], data["batch_size"])
     elif data["augment"]:
         raise ConfigError("data.augment: only image classification models take augmentation")
     for key in ("batch_size", "seq_len", "val_batches"):  # seq_len / val_batches: None = the default
@@ -200,6 +203,7 @@ def _check_data(cfg: dict) -> None:
             raise ConfigError(f"data.{key}: must be >= 1, got {data[key]}")
     if data["num_workers"] < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {data['num_workers']}")
+    _check_recipe(cfg["optim"], task)
     if task == "lm" and data["seq_len"] is None:
         data["seq_len"] = cfg["model"]["max_seq_len"]
     if task == "lm" and data["seq_len"] > cfg["model"]["max_seq_len"]:
@@ -226,6 +230,14 @@ def _check_optim(optim: dict) -> None:
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # Lightning's common strategies; any other name is looked up in Lightning's registry (a slower import)
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
+
+
+def _check_recipe(optim: dict, task: str) -> None:
+    for key in ("label_smoothing", "ema_decay"):
+        if optim[key] and task != "classification":
+            raise ConfigError(f"optim.{key}: implemented for image classification models only (0 = off)")
+        if not 0 <= optim[key] < 1:
+            raise ConfigError(f"optim.{key}: must be in [0, 1), got {optim[key]}")
 
 
 def _check_trainer(trainer: dict) -> None:

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from arch.registry import ConfigError
 
+from . import images
 from .data import SOURCES, TrainWindows, ValWindows, build_tokenizer, load_tokens
-from .images import random_resized_crop
 
 
 class LMDataModule(L.LightningDataModule):
@@ -68,7 +68,11 @@ class LMDataModule(L.LightningDataModule):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Shuffled training batches (seeded), augmented after transfer to the device; normalised val batches."""
+    """Shuffled training batches (seeded), augmented after transfer to the device; normalised val batches.
+
+    Training batches: [RandAugment per image in the loader], then on the device random resized crop (+ flip),
+    normalisation, [random erasing], [mixup/cutmix: labels become soft targets ``[B, classes]``]; the bracketed
+    steps are timm's and optional (``train.images``)."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -76,6 +80,7 @@ class ImageDataModule(L.LightningDataModule):
         self.source = SOURCES.create(self.data_cfg["source"])
         self.augment = self.data_cfg["augment"]
         self.splits: dict | None = None
+        self.erase = self.mixup = None  # timm's RandomErasing and Mixup, built at the first training batch
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
@@ -89,8 +94,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.cfg["seed"])
+        ds = self.splits["train"]
+        if self.augment["rand_augment"]:
+            ds = images.RandAugmented(ds, self.augment["rand_augment"], self.source.mean, ds[0][0].shape[-1])
         return DataLoader(
-            self.splits["train"],
+            ds,
             batch_size=self.data_cfg["batch_size"],
             shuffle=True,
             drop_last=True,
@@ -105,8 +113,19 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch  # [B, C, S, S] in [0, 1], [B]
-        if self.trainer is not None and self.trainer.training:
-            x = random_resized_crop(x, self.augment["crop_scale"], self.augment["hflip"], self._gen)
+        if self.trainer is None or not self.trainer.training:
+            return self.normalize(x), y
+        x = self.normalize(images.random_resized_crop(x, self.augment["crop_scale"], self.augment["hflip"], self._gen))
+        if self.augment["random_erasing"]:
+            self.erase = self.erase or images.random_erasing(self.augment["random_erasing"], x.device)
+            x = self.erase(x)
+        if self.augment["mixup"] or self.augment["cutmix"]:
+            self.mixup = self.mixup or images.mixup(self.augment, self.cfg["model"]["num_classes"])
+            x, y = self.mixup(x, y)  # y: [B, classes] soft targets
+        return x, y
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel ``(x - mean) / std`` with the source's statistics. x: [B, C, S, S] in [0, 1]."""
         mean = torch.tensor(self.source.mean, device=x.device)[:, None, None]
         std = torch.tensor(self.source.std, device=x.device)[:, None, None]
-        return (x - mean) / std, y
+        return (x - mean) / std

@@ -4,7 +4,8 @@
 
 Everything is validated before anything is written: the config, the model's memory estimate against the
 memory available, the data. The run directory ``<trainer.out_dir>/<name>/<timestamp>`` (created exclusively: two
-runs never share one) receives config.yaml, checkpoints/, model/ (the exported weights), tb/ and csv/.
+runs never share one) receives config.yaml, checkpoints/, model/ (the exported weights; also model-ema/ for a classifier
+with optim.ema_decay), tb/ and csv/.
 
 ``--resume`` continues a run in its own directory (checkpoints after the one resumed from are set aside in
 ``checkpoints/abandoned-<time>/``; the CSV metrics of the new segment go to ``csv/<segment>/``); a checkpoint
@@ -33,7 +34,8 @@ from .runs import RUN_DIR_ENV, check_memory, make_run_dir
 
 
 def fit(config_path: str, overrides=(), resume: str | None = None, init_from: str | None = None) -> dict:
-    """Train; returns {"run_dir", "val_loss", and "val_bpb" (LMs) or "val_acc1", "val_acc5" (classifiers)}.
+    """Train; returns {"run_dir", "val_loss", and "val_bpb" (LMs) or "val_acc1", "val_acc5" (classifiers; with
+    optim.ema_decay also "val_ema_loss", "val_ema_acc1", "val_ema_acc5" of the EMA weights, exported to model-ema/)}.
 
     ``init_from``: a checkpoint, run dir or exported model dir whose weights start the run, with a fresh
     optimizer, schedule and step count; see ``init_source``."""
@@ -110,6 +112,10 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     classify = task_of(cfg) == "classification"
     if classify and (resume or init_from):
         raise ConfigError("--resume / --init-from: implemented for language models only")
+    if classify:
+        from .images import require_timm
+
+        require_timm(cfg["data"]["augment"])
     if init_from and resume:
         raise ConfigError(
             "--init-from and --resume exclude each other: resume continues a run, "
@@ -198,7 +204,12 @@ def train_and_export(cfg: dict, trainer, module, data, ckpt_path: Path | None, r
     result = {"run_dir": run_dir, "val_loss": float(val["val/loss"])}
     if trainer.is_global_zero:
         save_pretrained(model, run_dir / "model")
-    if task_of(cfg) == "classification":
+    classify = task_of(cfg) == "classification"
+    if classify and module.ema is not None:
+        result.update({f"val_ema_{k}": float(val[f"val_ema/{k}"]) for k in ("loss", "acc1", "acc5")})
+        if trainer.is_global_zero:
+            save_pretrained(module.ema.module, run_dir / "model-ema")
+    if classify:
         result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
     else:
         result["val_bpb"] = bits_per_byte(result["val_loss"], data.bytes_per_token)
@@ -218,6 +229,12 @@ def report(cfg: dict, result: dict, data, model: torch.nn.Module, run_dir: Path)
         print(
             f"validation loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte "
             f"(held-out, {cfg['data']['val_batches'] or 'all'} batches)"
+        )
+    if "val_ema_acc1" in result:
+        print(
+            f"validation of the EMA weights (optim.ema_decay={cfg['optim']['ema_decay']}): loss "
+            f"{result['val_ema_loss']:.4f}, top-1 {100 * result['val_ema_acc1']:.2f}%, top-5 "
+            f"{100 * result['val_ema_acc5']:.2f}%; exported {run_dir / 'model-ema'}"
         )
     print(f"exported {run_dir / 'model'} (model.safetensors + config.yaml)")
     if "val_bpb" in result and cfg["trainer"]["sample_tokens"] > 0:

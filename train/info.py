@@ -1,13 +1,14 @@
 """Resolved config, per-layer block table, parameter count and FLOPs per token of a config.
 
 python -m train info configs/lm/gpt-tiny.yaml [dotted.key=value ...] [--measure N]
+python -m train info configs/paper/biformer-t.yaml --weights biformer_tiny_best.pth
 
 Two FLOP counts, both from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; 2 FLOPs per
 multiply-add): the config's upper bound (``forward_flops_per_token``: shapes only, on the meta device, so data-
 dependent blocks count their largest case) and, with ``--measure N``, the FLOPs a forward pass actually executes
 on N held-out windows (``measured_flops_per_token``: routed FFNs count the routes taken, sparse mixers the blocks
 they attend, Pattention its token count), at initialisation here; ``python -m train compare`` measures trained
-models too.
+models too. ``--weights``: also check that a released checkpoint of the config's model converts and loads strictly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from arch import build_model
 
-from .cli import add_target
+from .cli import add_target, add_weights
 from .config import load_config, task_of
 from .methods import load_methods
 
@@ -102,9 +103,10 @@ def _spec(spec: dict) -> str:
 
 
 def image_forward_flops(model_cfg: dict, size: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of one ``size``×``size`` image, counted on the meta device."""
+    """Forward FLOPs (2 per multiply-add) of one ``size``×``size`` image, counted on the meta device in eval mode
+    (a training-mode BatchNorm cannot take one image whose last stage is 1×1)."""
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = build_model(model_cfg).eval()
         with flop_counter() as counter:
             model(torch.zeros(1, model_cfg["in_chans"], size, size))
     return counter.get_total_flops()
@@ -155,6 +157,15 @@ def print_measured(cfg: dict, upper: float, n_windows: int) -> dict:
     return out
 
 
+def released_info(cfg: dict, weights: str) -> dict:
+    """Load the released checkpoint ``weights`` strictly into the config's model; count what it holds."""
+    from .checkpoint import load_released
+
+    model = load_released(cfg, weights)
+    state = model.state_dict()
+    return {"tensors": len(state), "params": count_params(model)["total"]}
+
+
 def memory_report(cfg: dict) -> bool:
     """Print the memory estimate of training the config here (``train.runs.estimate_memory``), with a warning
     when it exceeds the memory available (``fit`` refuses such a config); returns whether it fits."""
@@ -165,12 +176,18 @@ def memory_report(cfg: dict) -> bool:
     return fits
 
 
-def info(config_path: str, overrides=(), measure: int = 0) -> dict:
+def info(config_path: str, overrides=(), measure: int = 0, weights: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)
+    loaded = released_info(cfg, weights) if weights is not None else None
     print(f"# resolved config of {config_path}\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    if loaded is not None:
+        print(
+            f"weights: {weights} loaded strictly (released checkpoint, converted): {loaded['tensors']} tensors, "
+            f"{loaded['params']:,} parameters"
+        )
     if task_of(cfg) == "classification":
         out = classifier_info(cfg)
-        return {**out, "fits_in_memory": memory_report(cfg)}
+        return {**out, "fits_in_memory": memory_report(cfg), "weights": loaded}
     with torch.device("meta"):
         model = build_model(cfg["model"])
     rows = model.layer_table() if hasattr(model, "layer_table") else []
@@ -203,7 +220,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="also measure the FLOPs executed on N held-out windows (initial weights; language models)",
     )
+    add_weights(p)
 
 
 def run(args: argparse.Namespace) -> None:
-    info(args.target, args.overrides, args.measure)
+    info(args.target, args.overrides, args.measure, args.weights)

@@ -187,28 +187,54 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.T
 class ClassifierModule(LMModule):
     """Trains an image classifier (``arch.build_model(cfg["model"])``, images -> logits) with cross-entropy.
 
-    Logged: train/loss, train/acc1, train/images_per_s, train/grad_norm, lr, val/loss, val/acc1, val/acc5.
-    Optimizer, schedule, clipping and the NaN stop are the LM module's."""
+    Labels are class indices ``[B]`` or, after mixup/cutmix, soft targets ``[B, classes]``; ``optim.label_smoothing``
+    ε trains against ``(1 - ε) · target + ε / classes`` (torch's ``cross_entropy(label_smoothing=)``, the targets of
+    timm's smoothed Mixup). ``optim.ema_decay`` d > 0 keeps ``self.ema``, an exponential moving average of the
+    weights and buffers (``AveragedModel``; after each optimizer step ``ema ← d · ema + (1 - d) · model``, the first
+    step copies), validated beside the model (``val_ema/*``) and exported by ``fit`` to ``model-ema/``.
+
+    Logged: train/loss, train/acc1 (against the largest target), train/images_per_s, train/grad_norm, lr, val/loss,
+    val/acc1, val/acc5 (plain cross-entropy). Optimizer, schedule, clipping and the NaN stop are the LM module's."""
+
+    def __init__(self, config: dict, bytes_per_token: float = 1.0):
+        super().__init__(config, bytes_per_token)
+        decay = config["optim"]["ema_decay"]
+        self.ema = None
+        if decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            self.ema.requires_grad_(False)
 
     def loss(self, batch) -> torch.Tensor:
         return self._logits_and_loss(batch)[1]
 
     def _logits_and_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = batch  # [B, C, H, W], [B]
+        images, labels = batch  # [B, C, H, W], [B] or (mixup/cutmix) [B, classes]
         logits = self(images)
-        return logits, F.cross_entropy(logits.float(), labels)
+        return logits, F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg["optim"]["label_smoothing"])
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         logits, loss = self._logits_and_loss(batch)
         labels = batch[1]
-        if self.track(loss, labels.numel(), "train/images_per_s"):
-            self.log("train/acc1", topk_accuracy(logits.detach(), labels, 1))
+        if self.track(loss, labels.shape[0], "train/images_per_s"):
+            hard = labels.argmax(-1) if labels.ndim == 2 else labels
+            self.log("train/acc1", topk_accuracy(logits.detach(), hard, 1))
         return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # after every optimizer step, before the callbacks (checkpoints) see the step
+            self.ema.update_parameters(self.model)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
-        logits = self(images)
+        self.log_metrics("val", self(images), labels)
+        if self.ema is not None:
+            self.log_metrics("val_ema", self.ema(images), labels)
+
+    def log_metrics(self, prefix: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
-        self.log("val/loss", F.cross_entropy(logits.float(), labels), prog_bar=True, sync_dist=True, batch_size=n)
-        self.log("val/acc1", topk_accuracy(logits, labels, 1), prog_bar=True, sync_dist=True, batch_size=n)
-        self.log("val/acc5", topk_accuracy(logits, labels, 5), sync_dist=True, batch_size=n)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), labels), prog_bar=True, sync_dist=True, batch_size=n)
+        self.log(f"{prefix}/acc1", topk_accuracy(logits, labels, 1), prog_bar=True, sync_dist=True, batch_size=n)
+        self.log(f"{prefix}/acc5", topk_accuracy(logits, labels, 5), sync_dist=True, batch_size=n)

@@ -7,6 +7,7 @@ import torch
 from arch.registry import ConfigError
 from train.cli import main
 from train.config import load_config
+from train.evaluate import evaluate
 from train.fit import fit
 from train.images import HFImageSource, random_resized_crop
 from train.module import topk_accuracy
@@ -44,6 +45,9 @@ def test_digits_fit_logs_accuracy_and_exports(tmp_path, capsys):
     assert "179 held-out images" in text and "top-1" in text and "top-5" in text
     metrics = (out["run_dir"] / "csv" / "metrics.csv").read_text()
     assert "val/acc1" in metrics and "val/acc5" in metrics and "train/acc1" in metrics
+    again = evaluate(str(out["run_dir"]))  # `eval` of a classifier run: the same held-out images and weights
+    assert again["loss"] == pytest.approx(out["val_loss"], rel=1e-5) and again["images"] == 179
+    assert again["acc1"] == pytest.approx(out["val_acc1"], abs=1e-6)
 
 
 def test_info_prints_params_and_flops_beside_the_paper(capsys):
