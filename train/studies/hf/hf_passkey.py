@@ -18,6 +18,7 @@ Variants: ``dense`` is the original model; ``dhsa``, ``fixed`` (and ``bra``) are
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -62,6 +63,11 @@ def passkey_specs(budget: int, args: argparse.Namespace) -> dict[str, Optional[d
     return {v: None if v == "dense" else specs[v] for v in args.variants}
 
 
+def last_logits(model, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """ids [N, L] -> the logits of the last ``keep`` positions [N, keep, V] (no cache)."""
+    return model(ids, use_cache=False, logits_to_keep=keep).logits
+
+
 @torch.no_grad()
 def score_grid(model, cells: dict[tuple[int, float], list[Prompt]], lengths, depths) -> dict[str, list[list[float]]]:
     """``needle.score_prompts`` of every cell (one forward pass per cell, logits of the answer positions only):
@@ -71,7 +77,8 @@ def score_grid(model, cells: dict[tuple[int, float], list[Prompt]], lengths, dep
         for i, d in enumerate(depths):
             prompts = cells[L, d]
             keep = L - min(p.answer_start for p in prompts) + 1  # the positions that predict the answers
-            scores = score_prompts(lambda ids, keep=keep: model(ids, use_cache=False, logits_to_keep=keep).logits, prompts)
+            last = functools.partial(last_logits, model, keep=keep)
+            scores = score_prompts(last, prompts)
             for k, v in scores.items():
                 grid[k][i][j] = v
     return grid
