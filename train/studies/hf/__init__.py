@@ -5,5 +5,6 @@ COMMANDS = {
     "hf-swap": "train.studies.hf.hf_swap",
     "hf-passkey": "train.studies.hf.hf_passkey",
     "hf-prefill": "train.studies.hf.hf_prefill",
+    "hf-duo": "train.studies.hf.hf_duo",
 }
 BENCHMARKS = ()
