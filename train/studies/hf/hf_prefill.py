@@ -1,7 +1,7 @@
 """prefill of SmolLM2-135M on CPU: DHSA at a budget vs the original (dense SDPA), end to end and attention alone
 
     python -m train hf-prefill [--tokens 8192] [--budget 1024] [--mode causal] [--n-init 64] [--n-recent 64]
-        [--rounds 1] [--attn-layers 0 15 29] [--attn-rounds 3] [--no-memory] [--gguf FILE] [--threads N]
+        [--rounds 1] [--attn-layers 0 15 29] [--attn-rounds 3] [--gguf FILE] [--threads N]
         [--out FILE.json]
 
 The prompt: the first ``--tokens`` tokens of the held-out plays (``hf_swap.heldout_ids``). Measured through
@@ -14,8 +14,9 @@ The prompt: the first ``--tokens`` tokens of the held-out plays (``hf_swap.heldo
 * attention alone: the rotated q, k, v of the layers ``--attn-layers`` (their inputs recorded during the first
   dense prefill, projected with the pretrained weights), DHSA's ``attend`` (selection + block-sparse core) vs
   causal ``scaled_dot_product_attention`` on the same tensors, timed interleaved, summed over those layers;
-* peak memory: each prefill once more in a fresh process (``in_fresh_process``), peak RSS above the loaded model
-  and its input.
+* peak memory: of each prefill, inside its timed call (``peak_memory``: the peak RSS above the RSS before the
+  call, reset through ``/proc/self/clear_refs``); the command restarts itself with ``MALLOC_ENV`` (freed buffers
+  leave the RSS) when started without it.
 
 The issue's targets: end to end <= 0.65x dense, attention alone <= 0.35x dense SDPA.
 """
@@ -25,8 +26,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -35,7 +37,7 @@ from arch.interop import SwappedAttention, restore, swap_attention
 from arch.interop.swap import decoder_layers
 from arch.io import atomic_write
 from arch.registry import ConfigError
-from kernels.bench.harness import fmt, in_fresh_process, machine, markdown_table, peak_memory, time_interleaved
+from kernels.bench.harness import MALLOC_ENV, fmt, machine, markdown_table, peak_memory, time_interleaved
 from train.studies.hf.hf_swap import heldout_ids, load_gguf, smollm2_file, variant_specs
 
 TARGETS = {"end to end": 0.65, "attention alone": 0.35}
@@ -76,19 +78,24 @@ def record_inputs(model, layers: list[int]) -> dict[int, tuple]:
 
 
 @torch.no_grad()
-def end_to_end(model, ids: torch.Tensor, spec: dict, rounds: int, layers: list[int]) -> tuple[dict, dict]:
-    """Seconds per prefill {"dense", "dhsa"} (interleaved), and the recorded attention inputs of ``layers``."""
-    inputs = record_inputs(model, layers)
+def end_to_end(model, ids: torch.Tensor, spec: dict, rounds: int, layers: list[int]) -> tuple[dict, dict, dict]:
+    """Seconds per prefill {"dense", "dhsa"} (interleaved), bytes of peak memory of each prefill above what was
+    allocated before it (``peak_memory``, measured inside the timed calls: the last round's), and the recorded
+    attention inputs of ``layers``."""
+    inputs, peak = record_inputs(model, layers), {}
+
+    def dense():
+        peak["dense"] = peak_memory(lambda: prefill(model, ids))
 
     def sparse():
         swap_attention(model, spec)  # module construction only: microseconds against a prefill
         try:
-            return prefill(model, ids)
+            peak["dhsa"] = peak_memory(lambda: prefill(model, ids))
         finally:
             restore(model)
 
-    times = time_interleaved({"dense": lambda: prefill(model, ids), "dhsa": sparse}, warmup=0, rounds=rounds)
-    return times, inputs
+    times = time_interleaved({"dense": dense, "dhsa": sparse}, warmup=0, rounds=rounds)
+    return times, peak, inputs
 
 
 @torch.no_grad()
@@ -111,16 +118,6 @@ def attention_alone(model, inputs: dict[int, tuple], spec: dict, rounds: int) ->
     return total
 
 
-def peak_prefill(gguf: str, n: int, spec: Optional[dict]) -> int:
-    """Bytes of peak memory of one prefill above the loaded model and its input (run in a fresh process)."""
-    model, tokenizer = load_gguf(Path(gguf))
-    ids = prompt(tokenizer, n)
-    if spec is not None:
-        swap_attention(model, spec)
-    with torch.no_grad():
-        return peak_memory(lambda: prefill(model, ids))
-
-
 def format_table(r: dict) -> str:
     rows = []
     for label, d, s, target in (
@@ -137,7 +134,7 @@ def format_table(r: dict) -> str:
         )
     if r.get("peak_mib"):
         d, s = r["peak_mib"]["dense"], r["peak_mib"]["dhsa"]
-        rows.append(["peak memory above model + input (MiB)", fmt(d, 1), fmt(s, 1), fmt(s / d, 3), "-"])
+        rows.append(["peak memory during the prefill, above before it (MiB)", fmt(d, 1), fmt(s, 1), fmt(s / d, 3), "-"])
     return markdown_table(["measure", "dense (SDPA)", "DHSA", "DHSA / dense", "issue's target"], rows)
 
 
@@ -151,12 +148,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the end-to-end timing")
     parser.add_argument("--attn-layers", type=int, nargs="+", default=[0, 15, 29], help="layers timed alone")
     parser.add_argument("--attn-rounds", type=int, default=3, help="interleaved rounds of the attention timing")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (fresh processes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
 
 
 def run(args: argparse.Namespace) -> dict:
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # glibc reads it at start: start again with it
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **MALLOC_ENV})
     spec = dhsa_spec(args)
     if args.rounds < 1 or args.attn_rounds < 1:
         raise ConfigError("--rounds and --attn-rounds: must be >= 1")
@@ -170,14 +168,11 @@ def run(args: argparse.Namespace) -> dict:
     ids = prompt(tokenizer, args.tokens)
     r = {"tokens": args.tokens, "mixer": spec, "attn_layers": sorted(set(args.attn_layers)), "machine": machine()}
     print(f"hf-prefill {path.name}, {args.tokens} tokens, DHSA {json.dumps(spec)}; {r['machine']}", flush=True)
-    r["time"], inputs = end_to_end(model, ids, spec, args.rounds, r["attn_layers"])
-    print(f"  end to end: {json.dumps(r['time'])}", flush=True)
+    r["time"], peak, inputs = end_to_end(model, ids, spec, args.rounds, r["attn_layers"])
+    r["peak_mib"] = {n: b / 2**20 for n, b in peak.items()}
+    print(f"  end to end: seconds {json.dumps(r['time'])}, peak MiB {json.dumps(r['peak_mib'])}", flush=True)
     r["attention"] = attention_alone(model, inputs, spec, args.attn_rounds)
     print(f"  attention alone: {json.dumps(r['attention'])}", flush=True)
-    if not args.no_memory:
-        peak = {n: in_fresh_process(f"{__name__}:peak_prefill", str(path), args.tokens, s, threads=args.threads)
-                for n, s in (("dense", None), ("dhsa", spec))}  # fmt: skip
-        r["peak_mib"] = {n: b / 2**20 for n, b in peak.items()}
     print(format_table(r))
     if args.out:
         atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(r, indent=1)))

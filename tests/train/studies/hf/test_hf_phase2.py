@@ -75,9 +75,9 @@ def test_prefill_records_attention_inputs_that_reproduce_the_layer():
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
     outputs = {}
     hook = decoder_layers(model)[1].self_attn.register_forward_hook(lambda m, a, out: outputs.__setitem__(1, out[0]))
-    times, inputs = hf_prefill.end_to_end(model, ids, spec, rounds=1, layers=[1])
+    times, peak, inputs = hf_prefill.end_to_end(model, ids, spec, rounds=1, layers=[1])
     hook.remove()
-    assert set(times) == {"dense", "dhsa"} and min(times.values()) > 0 and list(inputs) == [1]
+    assert set(times) == {"dense", "dhsa"} == set(peak) and min(times.values()) > 0 and list(inputs) == [1]
     hidden, pos = inputs[1]
     attn = decoder_layers(model)[1].self_attn  # the original (restored) attention
     with torch.no_grad():
@@ -85,8 +85,10 @@ def test_prefill_records_attention_inputs_that_reproduce_the_layer():
     assert torch.allclose(again, outputs[1], atol=1e-5)  # the recorded inputs are the dense pass's
     alone = hf_prefill.attention_alone(model, inputs, spec, rounds=1)
     assert set(alone) == {"dense SDPA", "dhsa"} and min(alone.values()) > 0
-    table = hf_prefill.format_table({"time": times, "attention": alone, "attn_layers": [1]})
-    assert "end to end prefill" in table and "attention alone, layers 1" in table
+    table = hf_prefill.format_table(
+        {"time": times, "attention": alone, "attn_layers": [1], "peak_mib": {"dense": 2.0, "dhsa": 1.0}}
+    )
+    assert "end to end prefill" in table and "attention alone, layers 1" in table and "| 0.500 |" in table
 
 
 # --------------------------------------------------------------------------------------------- hf-duo
