@@ -50,6 +50,21 @@ def _visible(
     return vis
 
 
+@triton.jit
+def _tile(ptr, b, h, idx, d, s_b, s_t, s_h, mask):
+    """The [len(idx), HD] tile of a [B, T, heads, hd] tensor at batch ``b``, head ``h``, positions ``idx``."""
+    return tl.load(ptr + b * s_b + h * s_h + idx[:, None] * s_t + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _query_tile(t, bh, H, Hs, q_start, q_end, QT: tl.constexpr):
+    """Program (query tile ``t``, batch*head ``bh``) -> batch, head, selection group, rows [QT] and their mask."""
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = tl.load(q_start + t) + tl.arange(0, QT)
+    return b, h, b * Hs + h % Hs, rows, rows < tl.load(q_end + t)
+
+
 @autotune(CONFIGS, key=KEY)
 @triton.jit
 def fwd_kernel(
@@ -94,17 +109,11 @@ def fwd_kernel(
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    g = b * Hs + h % Hs
-    rows = tl.load(q_start + t) + tl.arange(0, QT)
-    rmask = rows < tl.load(q_end + t)
+    b, h, g, rows, rmask = _query_tile(t, bh, H, Hs, q_start, q_end, QT)
     d = tl.arange(0, HD)
     dmask = d < hd
     qmask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=qmask, other=0.0)
-    k_base = K + b * sk_b + (h // REP) * sk_h
-    v_base = V + b * sv_b + (h // REP) * sv_h
+    q = _tile(Q, b, h, rows, d, sq_b, sq_t, sq_h, qmask)
     m_i = tl.full([QT], float("-inf"), tl.float32)
     l_i = tl.zeros([QT], tl.float32)
     acc = tl.zeros([QT, HD], tl.float32)
@@ -113,7 +122,7 @@ def fwd_kernel(
     for e in range(e0, e1):
         kcols = tl.load(e_ktile + e) * KT + tl.arange(0, KT)
         kvmask = (kcols < Tk)[:, None] & dmask[None, :]
-        k = tl.load(k_base + kcols[:, None] * sk_t + d[None, :], mask=kvmask, other=0.0)
+        k = _tile(K, b, h // REP, kcols, d, sk_b, sk_t, sk_h, kvmask)
         s = dot(q, tl.trans(k), F32) * scale_log2  # [QT, KT] logits in log2 units
         if tl.load(e_full + e) == 0:
             s = tl.where(_visible(e, rows, kcols, e_bits, e_rowbits, QT, KT, CAUSAL, ROWBITS), s, float("-inf"))
@@ -122,7 +131,7 @@ def fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kcols[:, None] * sv_t + d[None, :], mask=kvmask, other=0.0)
+        v = _tile(V, b, h // REP, kcols, d, sv_b, sv_t, sv_h, kvmask)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a query that sees no key: zeros
@@ -193,8 +202,8 @@ def dkdv_kernel(
     d = tl.arange(0, HD)
     dmask = d < hd
     kvmask = (kcols < Tk)[:, None] & dmask[None, :]
-    k = tl.load(K + b * sk_b + kvh * sk_h + kcols[:, None] * sk_t + d[None, :], mask=kvmask, other=0.0)
-    v = tl.load(V + b * sv_b + kvh * sv_h + kcols[:, None] * sv_t + d[None, :], mask=kvmask, other=0.0)
+    k = _tile(K, b, kvh, kcols, d, sk_b, sk_t, sk_h, kvmask)
+    v = _tile(V, b, kvh, kcols, d, sv_b, sv_t, sv_h, kvmask)
     dk = tl.zeros([KT, HD], tl.float32)
     dv = tl.zeros([KT, HD], tl.float32)
     for r in range(0, REP):  # the query heads that share this KV head
@@ -209,8 +218,8 @@ def dkdv_kernel(
             rows = tl.load(q_start + t) + tl.arange(0, QT)
             rmask = rows < tl.load(q_end + t)
             qmask = rmask[:, None] & dmask[None, :]
-            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=qmask, other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t + d[None, :], mask=qmask, other=0.0)
+            q = _tile(Q, b, h, rows, d, sq_b, sq_t, sq_h, qmask)
+            do = _tile(DO, b, h, rows, d, sdo_b, sdo_t, sdo_h, qmask)
             lse = tl.load(LSE + row_base + rows, mask=rmask, other=float("inf"))
             delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
             p = tl.exp2(dot(q, tl.trans(k), F32) * scale_log2 - lse[:, None])  # [QT, KT]
@@ -274,28 +283,22 @@ def dq_kernel(
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    g = b * Hs + h % Hs
-    rows = tl.load(q_start + t) + tl.arange(0, QT)
-    rmask = rows < tl.load(q_end + t)
+    b, h, g, rows, rmask = _query_tile(t, bh, H, Hs, q_start, q_end, QT)
     d = tl.arange(0, HD)
     dmask = d < hd
     qmask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t + d[None, :], mask=qmask, other=0.0)
+    q = _tile(Q, b, h, rows, d, sq_b, sq_t, sq_h, qmask)
+    do = _tile(DO, b, h, rows, d, sdo_b, sdo_t, sdo_h, qmask)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rmask, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rmask, other=0.0)
-    k_base = K + b * sk_b + (h // REP) * sk_h
-    v_base = V + b * sv_b + (h // REP) * sv_h
     dq = tl.zeros([QT, HD], tl.float32)
     e0 = tl.load(row_ptr + g * n_qtiles + t)
     e1 = tl.load(row_ptr + g * n_qtiles + t + 1)
     for e in range(e0, e1):
         kcols = tl.load(e_ktile + e) * KT + tl.arange(0, KT)
         kvmask = (kcols < Tk)[:, None] & dmask[None, :]
-        k = tl.load(k_base + kcols[:, None] * sk_t + d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(v_base + kcols[:, None] * sv_t + d[None, :], mask=kvmask, other=0.0)
+        k = _tile(K, b, h // REP, kcols, d, sk_b, sk_t, sk_h, kvmask)
+        v = _tile(V, b, h // REP, kcols, d, sv_b, sv_t, sv_h, kvmask)
         p = tl.exp2(dot(q, tl.trans(k), F32) * scale_log2 - lse[:, None])
         if tl.load(e_full + e) == 0:
             p = tl.where(_visible(e, rows, kcols, e_bits, e_rowbits, QT, KT, CAUSAL, ROWBITS), p, 0.0)
@@ -324,38 +327,24 @@ def _rowbits(layout: Layout) -> torch.Tensor:
     return layout.e_bits if layout.e_rowbits is None else layout.e_rowbits  # a placeholder when unused
 
 
+def _query_lists(layout: Layout) -> tuple:
+    """The forward and dq kernels' view of the layout: per query tile its rows and its list of key-tile entries."""
+    return layout.q_start, layout.q_end, layout.row_ptr, layout.e_ktile, layout.e_bits, layout.e_full, _rowbits(layout)
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """The batch, time and head strides of each [B, T, heads, hd] tensor, in order."""
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
 def _forward(q, k, v, layout: Layout, scale: float):
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     out = empty((B, Tq, H, hd), q.dtype, q.device)
     lse = empty((B * H, Tq), torch.float32, q.device)
-    fwd_kernel[(layout.n_qtiles, B * H)](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        layout.q_start,
-        layout.q_end,
-        layout.row_ptr,
-        layout.e_ktile,
-        layout.e_bits,
-        layout.e_full,
-        _rowbits(layout),
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *out.stride()[:3],
-        H,
-        layout.Hs,
-        H // Hkv,
-        Tq,
-        Tk,
-        hd,
-        layout.n_qtiles,
-        scale * LOG2E,
-        **_meta(q, layout),
-    )
+    sizes = (H, layout.Hs, H // Hkv, Tq, Tk, hd, layout.n_qtiles)
+    tensors = (q, k, v, out, lse, *_query_lists(layout))
+    fwd_kernel[(layout.n_qtiles, B * H)](*tensors, *_strides(q, k, v, out), *sizes, scale * LOG2E, **_meta(q, layout))
     return out, lse
 
 
@@ -367,71 +356,14 @@ def _backward(q, k, v, out, lse, dout, layout: Layout, scale: float):
     dv = empty(v.shape, v.dtype, v.device)
     dq = empty(q.shape, q.dtype, q.device)
     meta = _meta(q, layout)
-    dkdv_kernel[(layout.n_ktiles, B * Hkv)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        layout.q_start,
-        layout.q_end,
-        layout.col_ptr,
-        layout.t_qtile,
-        layout.t_entry,
-        layout.e_bits,
-        layout.e_full,
-        _rowbits(layout),
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *dout.stride()[:3],
-        *dk.stride()[:3],
-        H,
-        Hkv,
-        layout.Hs,
-        H // Hkv,
-        Tq,
-        Tk,
-        hd,
-        layout.n_ktiles,
-        scale,
-        scale * LOG2E,
-        **meta,
-    )
-    dq_kernel[(layout.n_qtiles, B * H)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        layout.q_start,
-        layout.q_end,
-        layout.row_ptr,
-        layout.e_ktile,
-        layout.e_bits,
-        layout.e_full,
-        _rowbits(layout),
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *dout.stride()[:3],
-        *dq.stride()[:3],
-        H,
-        layout.Hs,
-        H // Hkv,
-        Tq,
-        Tk,
-        hd,
-        layout.n_qtiles,
-        scale,
-        scale * LOG2E,
-        **meta,
-    )
+    key_lists = (layout.q_start, layout.q_end, layout.col_ptr, layout.t_qtile, layout.t_entry, layout.e_bits)
+    key_lists += (layout.e_full, _rowbits(layout))
+    tensors = (q, k, v, dout, lse, delta, dk, dv, *key_lists, *_strides(q, k, v, dout, dk))
+    sizes = (H, Hkv, layout.Hs, H // Hkv, Tq, Tk, hd, layout.n_ktiles)
+    dkdv_kernel[(layout.n_ktiles, B * Hkv)](*tensors, *sizes, scale, scale * LOG2E, **meta)
+    tensors = (q, k, v, dout, lse, delta, dq, *_query_lists(layout), *_strides(q, k, v, dout, dq))
+    sizes = (H, layout.Hs, H // Hkv, Tq, Tk, hd, layout.n_qtiles)
+    dq_kernel[(layout.n_qtiles, B * H)](*tensors, *sizes, scale, scale * LOG2E, **meta)
     return dq, dk, dv
 
 

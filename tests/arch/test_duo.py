@@ -121,10 +121,45 @@ def test_router_soft_mixture_while_training_hard_argmax_at_inference():
     assert m.p_big is None
 
 
-def test_soft_mixture_gives_the_router_gradient():
-    m = duo(routing="router", router_skip=True).train()
-    m(X).pow(2).sum().backward()
-    assert m.router.weight.grad.abs().sum() > 0
+@pytest.mark.parametrize("router_skip", [False, True])
+def test_router_gradient_is_that_of_the_soft_mixture_and_the_budget_loss(router_skip):
+    """Every gradient of CE-like loss <out, G> + α(P_big − budget)² equals that of the paper's soft mixture written
+    out here (Sec. 3.3); hard routing (inference, forced routes) gives the router no gradient at all."""
+    m = duo(routing="router", router_skip=router_skip).train()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        m.router.weight.normal_(generator=g)
+        m.router.bias.normal_(generator=g)
+    m.router_inv_temp = 1.7
+    G = torch.randn(3, 11, 32, generator=g)  # an upstream gradient
+    params = dict(m.named_parameters())
+
+    def loss_of(out, p_big):
+        return (out * G).sum() + 0.3 * (p_big - 0.25) ** 2
+
+    x = X.clone().requires_grad_()
+    got = torch.autograd.grad(loss_of(m(x), m.p_big), [x, *params.values()])
+
+    ref = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    xr = X.clone().requires_grad_()
+    logits = 1.7 * F.linear(xr, ref["router.weight"], ref["router.bias"])  # [B, T, 3]
+    if not router_skip:
+        logits = torch.cat([torch.full_like(logits[..., :1], -torch.inf), logits[..., 1:]], -1)
+    p = torch.softmax(logits, -1)
+    small = F.linear(
+        F.silu(F.linear(xr, ref["small.w1.weight"])) * F.linear(xr, ref["small.w3.weight"]), ref["small.w2.weight"]
+    )
+    big = F.linear(
+        F.silu(F.linear(xr, ref["big.w1.weight"])) * F.linear(xr, ref["big.w3.weight"]), ref["big.w2.weight"]
+    )
+    want = torch.autograd.grad(loss_of(p[..., 1:2] * small + p[..., 2:3] * big, p[..., 2].mean()), [xr, *ref.values()])
+    for name, a, b in zip(["x", *params], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert got[1 + list(params).index("router.weight")].abs().sum() > 0
+
+    m.eval()  # hard argmax: the route is an index; nothing flows back to the router
+    m(x).pow(2).sum().backward()
+    assert m.router.weight.grad is None and m.p_big is None
 
 
 MODES = {

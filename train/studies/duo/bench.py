@@ -3,7 +3,7 @@
 * ``duo-ffn``: one ``DuoFFN`` layer (big = 4d SwiGLU, small = big / 16), forward + backward, with exactly 25, 50
   and 75 % of the tokens forced BIG and the rest SMALL, against all-big (and all-small).
 * ``duo-oracle``: the routing oracle at L layers over the full 2^L small/big route space: the prefix-sharing
-  route tree (``oracle.route_losses``) against one full forward pass per route (``oracle.route_losses_naive``).
+  route tree (``routes.route_losses``) against one full forward pass per route (``routes.route_losses_naive``).
   (Both give the same per-token losses: ``tests/train/studies/duo`` checks it.)
 
     python -m train bench duo-ffn duo-oracle [--size d_model=512,tokens=4096] [--threads 1]
@@ -18,7 +18,7 @@ from arch.config import LayerContext
 from arch.duo import BIG, SMALL, DuoFFN
 from kernels.bench.registry import Benchmark, register
 
-from .oracle import route_losses, route_losses_naive, route_space
+from .routes import route_losses, route_losses_naive, route_space
 
 FRACTIONS = {"all small": 0.0, "25% big": 0.25, "50% big": 0.5, "75% big": 0.75, "all big": 1.0}
 

@@ -1,21 +1,36 @@
-"""Duo-LLM routing oracles: per-token best routes, fixed and random baselines (arXiv 2410.10846, Sec. 4).
+"""Duo-LLM routing oracles: per-token best routes beside fixed, random, router and control baselines (arXiv
+2410.10846, Sec. 4).
 
-    python -m train oracle <checkpoint | run dir | model dir> [--budget K | --all-budgets] [--with-skip] [--batches N]
+    python -m train oracle <checkpoint | run dir | model dir> [--space small-big | skip-big | skip-small-big]
+        [--budget K | --all-budgets] [--routers RUN ...] [--control RUN] [--random-per text | sequence] [--batches N]
 
-For every route r in a route space (one choice per layer: small/big, or skip/big with ``--with-skip``), the whole
-held-out sequence runs on r and the per-token loss ℓ_t(r) is recorded. Per budget K (exactly K big layers):
+For every route r of the route space (one FFN choice per layer: small/big, skip/big or skip/small/big; see
+``routes``), the whole held-out sequence runs on r and the per-token loss ℓ_t(r) is recorded. Per budget K
+(exactly K big layers) it reports, as perplexities (``summary`` has the definitions):
 
-* fixed    = min_r mean_t ℓ_t(r)                        (the best single route for all tokens)
-* random   = best of 100 draws of a random route per token, mean_t ℓ_t(r_t)
-* oracle   = mean_t min_r ℓ_t(r)                        (each token takes its own best route)
+* best fixed route     min_r mean_t ℓ_t(r)
+* mean of routes       mean_r mean_t ℓ_t(r): one random route, on average
+* best of 100 random   100 trials, each a whole route assignment (a random set of K big layers, drawn for the whole
+                       text, or for each sequence with ``--random-per sequence``), the lowest mean loss kept
+* oracle               mean_t min_r ℓ_t(r)
 
-plus all-small, all-big and the model's own router (hard argmax; if the checkpoint has one) at the budget it
-spends. Token difficulty = ℓ_t(all-small) − ℓ_t(oracle over the whole space).
+plus all-small and all-big, and:
 
-Route enumeration shares work (``route_losses``): the hidden state after layer j depends only on the routes of
-layers <= j, so the route tree is evaluated level by level: each distinct prefix runs layer j's mixer once, and
-each child extends it with one FFN choice; every level is batched over prefixes. At L = 8 over the full space this
-runs 255 mixers and 510 FFNs instead of 2048 of each (``python -m train bench duo-oracle`` times both).
+* routers (``--routers``, and the checkpoint itself if it routes): each one's hard-argmax perplexity at the
+  mean number of big layers it spends, drawn as a curve; only routers trained in this route space (small/big
+  routers; skip/small/big with ``router_skip``) and on this checkpoint's weights (a frozen backbone);
+* a control (``--control``, small/big space only): the same statistics on a model whose small and big modules
+  are the same size (``configs/lm/duo-tiny-control.yaml``), so no route is better than another except by chance:
+  its oracle gain over its best fixed route is what a per-token minimum over that many routes gains on noise.
+
+Token difficulty = ℓ_t(all-small) − ℓ_t(oracle over the routes evaluated), within the space (all-skip stands
+for all-small in the skip/big space, which has no small module). Writes oracle.json, ppl_vs_budget.png and
+oracle_big_heatmap.png.
+
+Routes cover the routed layers (those with a duo FFN, ``routes.routed_layers``): a model with duo FFNs in only
+some layers is studied over those, the other layers running as they are (the command says which); budgets count
+big layers among the routed ones. The route tree runs the layers one at a time, so mixers that pass state down
+the layers within one forward (DHSA ``share_boundaries``) are refused.
 """
 
 from __future__ import annotations
@@ -24,162 +39,31 @@ import argparse
 import itertools
 import json
 import math
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from arch.duo import BIG, ROUTE_NAMES, SKIP, SMALL, DuoFFN
 from arch.registry import ConfigError
 from train.checkpoint import load_trained, run_dir_of
 from train.cli import add_target
-from train.plotting import figure
 from train.runs import device_for
 
-
-def route_space(n_layers: int, low: int = SMALL, budget: Optional[int] = None) -> torch.Tensor:
-    """Every route with one of (``low``, BIG) per layer, or only those with exactly ``budget`` big layers:
-    LongTensor [R, n_layers], in lexicographic order."""
-    routes = torch.tensor(list(itertools.product((low, BIG), repeat=n_layers)), dtype=torch.long)
-    if budget is not None:
-        routes = routes[(routes == BIG).sum(1) == budget]
-    return routes
+from .report import plot, print_report, route_str
+from .routes import SPACES, route_losses, route_losses_naive, route_space, routed_layers, token_losses
+from .summary import RANDOM_PER, summarise
 
 
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # [..., T, V], [..., T] -> [..., T]
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none").view(targets.shape)
-
-
-def _chunked(fn: Callable, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """fn over x[i : i + chunk] along dim 0 (prefixes), concatenated: bounds the memory of one call."""
-    return torch.cat([fn(x[i : i + chunk]) for i in range(0, len(x), chunk)])
-
-
-@torch.no_grad()
-def route_losses_naive(model, batch: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
-    """ℓ_t(r) by one full forward pass per route: [R, B, T] for a [B, T+1] batch and routes [R, L]."""
-    ids, targets = batch[:, :-1], batch[:, 1:]
-    routes = routes.to(batch.device)
-    return torch.stack(
-        [token_losses(model(ids, routes=r[:, None, None].expand(-1, *ids.shape)), targets) for r in routes]
-    )
-
-
-@torch.no_grad()
-def route_losses(model, batch: torch.Tensor, routes: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """ℓ_t(r) for every route, by prefix sharing: [R, B, T] for a [B, T+1] batch and routes [R, L].
-
-    Level j holds one hidden state per distinct route prefix of length j (``states`` [P_j, B, T, D]); layer j's
-    mixer runs once per prefix, then each distinct child (prefix, route of layer j) adds its FFN choice, computed
-    for all children with that choice in one batched call. ``chunk`` prefixes go through a module at a time.
-    """
-    ids, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
-    B, T = ids.shape
-    routes = routes.to(batch.device)
-    states = model.tok_emb(ids)[None]  # [1, B, T, D]: the empty prefix
-    parent = torch.zeros(len(routes), dtype=torch.long, device=batch.device)  # [R] each route's prefix in `states`
-    for j, block in enumerate(model.blocks):
-        mid = _chunked(lambda s, block=block: block.attend(s.flatten(0, 1)).view_as(s), states, chunk)  # [P_j, B, T, D]
-        # distinct children (prefix, choice at layer j) and each route's child
-        children, child_of_route = torch.unique(torch.stack([parent, routes[:, j]], 1), dim=0, return_inverse=True)
-        new_states = mid.new_empty(len(children), *mid.shape[1:])  # [P_{j+1}, B, T, D]
-        for choice in children[:, 1].unique().tolist():
-            sel = (children[:, 1] == choice).nonzero().squeeze(1)  # children taking `choice` at layer j
-            x = mid[children[sel, 0]]  # [n, B, T, D]
-
-            def ffn(s: torch.Tensor, block=block, choice=choice) -> torch.Tensor:  # [n, B, T, D], all on `choice`
-                route = torch.full((s.shape[0] * B, T), choice, device=s.device)  # [n*B, T]
-                return block.feed_forward(s.flatten(0, 1), route=route).view_as(s)
-
-            new_states[sel] = _chunked(ffn, x, chunk)
-        states, parent = new_states, child_of_route
-    logits = lambda s: model.head(model.norm_f(s))  # noqa: E731
-    losses = _chunked(lambda s: token_losses(logits(s), targets.expand(len(s), B, T)), states, chunk)  # [P_L, B, T]
-    return losses[parent]  # [R, B, T]
-
-
-def best_of_random(losses: torch.Tensor, n_draws: int = 100, seed: int = 0) -> float:
-    """Best (lowest) mean loss of ``n_draws`` draws that give every token its own uniformly random route
-    (``losses`` [R, N]); the paper's best-of-100 random baseline."""
-    g = torch.Generator().manual_seed(seed)
-    cols = torch.arange(losses.shape[1])
-    return min(
-        losses[torch.randint(len(losses), (losses.shape[1],), generator=g), cols].mean().item() for _ in range(n_draws)
-    )
-
-
-def summarise(losses: torch.Tensor, routes: torch.Tensor, budgets: list[int]) -> list[dict]:
-    """Per budget K: fixed, best-of-100 random and oracle mean losses over the routes with K big layers, the best
-    fixed route, and how often the oracle's route uses the big module in each layer. ``losses`` [R, N]."""
-    rows = []
-    n_big = (routes == BIG).sum(1)  # [R]
-    for k in budgets:
-        sel = (n_big == k).nonzero().squeeze(1)
-        lk = losses[sel]  # [R_k, N]
-        mean = lk.mean(1)  # [R_k]
-        best_per_token = lk.argmin(0)  # [N]
-        oracle_routes = routes[sel][best_per_token]  # [N, L]
-        rows.append(
-            {
-                "budget": k,
-                "n_routes": len(sel),
-                "fixed_loss": mean.min().item(),
-                "fixed_route": routes[sel[mean.argmin()]].tolist(),
-                "random100_loss": best_of_random(lk, seed=k),
-                "oracle_loss": lk.min(0).values.mean().item(),
-                "oracle_big_fraction": (oracle_routes == BIG).float().mean(0).tolist(),  # [L]
-            }
-        )
-    return rows
-
-
-def route_str(route: list[int]) -> str:
-    return "".join("SsB"[r] for r in route)  # S = skip, s = small, B = big, layer 0 first
+def duo_layers(model) -> list[DuoFFN]:
+    return [m for m in model.modules() if isinstance(m, DuoFFN)]
 
 
 def show_in_context(tokenizer, window: torch.Tensor, t: int, width: int = 60) -> str:
     """The text before target token t of a [T+1] window, then the token in [[ ]]."""
     before = tokenizer.decode(window[max(0, t + 1 - width) : t + 1].tolist())
     return (before + "[[" + tokenizer.decode(window[t + 1 : t + 2].tolist()) + "]]").replace("\n", "⏎")
-
-
-def plot(result: dict, out: Path) -> list[Path]:
-    """ppl_vs_budget.png: oracle, best fixed and random baselines per budget; oracle_big_heatmap.png: how often
-    the oracle routes a token big, per layer and budget."""
-    import matplotlib.ticker
-
-    rows, L = result["per_budget"], result["n_layers"]
-    ks = [r["budget"] for r in rows]
-    paths = [out / "ppl_vs_budget.png", out / "oracle_big_heatmap.png"]
-    with figure(paths[0], (6.4, 4.2)) as (fig, ax):
-        for key, label, style in (
-            ("oracle_loss", "oracle (per token)", "o-"),
-            ("fixed_loss", "best fixed route", "s-"),
-            ("random100_loss", "best of 100 random", "^-"),
-        ):
-            ax.plot(ks, [math.exp(r[key]) for r in rows], style, label=label)
-        ax.axhline(result["all_small_ppl"], color="gray", ls=":", label="all small")
-        ax.axhline(result["all_big_ppl"], color="k", ls="--", label="all big")
-        if result["router"]:
-            ax.plot([result["router"]["mean_big_layers"]], [result["router"]["ppl"]], "r*", ms=14, label="router")
-        ax.set(
-            xlabel=f"budget: big layers of {L}",
-            ylabel="perplexity (held-out, log scale)",
-            yscale="log",
-            title=f"Duo routing oracles ({result['route_space']})",
-        )
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-        ax.legend(fontsize=8)
-    with figure(paths[1], (6.4, 3.8)) as (fig, ax):
-        heat = torch.tensor([r["oracle_big_fraction"] for r in rows]).T.numpy()  # [L, budgets]
-        extent = (ks[0] - 0.5, ks[-1] + 0.5, -0.5, L - 0.5)
-        im = ax.imshow(heat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, extent=extent)
-        ax.set(xlabel="budget K (big layers)", ylabel="layer", title="how often the oracle routes a token big")
-        fig.colorbar(im, ax=ax, label="fraction of tokens")
-    return paths
 
 
 def held_out_windows(cfg: dict, batches: int, device) -> list[torch.Tensor]:
@@ -192,122 +76,238 @@ def held_out_windows(cfg: dict, batches: int, device) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def collect(model, windows: list[torch.Tensor], routes: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
-    """Per-token losses over all windows: "routes" [R, N] (every route), "small" and "big" [N] (all-small and
-    all-big), and with routers "router" [N] (hard argmax routes) and "router_big" (mean big layers)."""
-    duo = [m for m in model.modules() if isinstance(m, DuoFFN)]
-    L = len(model.blocks)
-    all_small, all_big = route_space(L, SMALL, 0), route_space(L, SMALL, L)  # [1, L] each
-    out = {"routes": [], "small": [], "big": [], "router": [], "router_big": []}
+def space_losses(model, windows, routes, chunk: int, max_states: int, log=print) -> torch.Tensor:
+    """ℓ_t(r) of every route over all windows: [R, S, T] (S = all sequences of all windows)."""
+    out = []
     for i, w in enumerate(windows):
-        out["routes"].append(route_losses(model, w, routes, chunk).flatten(1))  # [R, B*T]
-        out["small"].append(route_losses_naive(model, w, all_small)[0].flatten())  # [B*T]
-        out["big"].append(route_losses_naive(model, w, all_big)[0].flatten())
-        if all(m.routing == "router" for m in duo):
-            out["router"].append(token_losses(model(w[:, :-1]), w[:, 1:]).flatten())  # eval: hard argmax routes
-            out["router_big"].append(torch.tensor(sum(m.route_fraction[BIG].item() for m in duo)))
-        print(f"  batch {i + 1}/{len(windows)}", flush=True)
-    result = {"routes": torch.cat(out["routes"], 1).cpu(), "small": torch.cat(out["small"]).cpu()}
-    result["big"] = torch.cat(out["big"]).cpu()
-    if out["router"]:
-        result["router"] = torch.cat(out["router"]).cpu()
-        result["router_big"] = torch.stack(out["router_big"]).mean()
-    return result
+        out.append(route_losses(model, w, routes, chunk, max_states).cpu())
+        log(f"  batch {i + 1}/{len(windows)}")
+    return torch.cat(out, 1)
 
 
-def difficult_tokens(losses: dict, routes: torch.Tensor, windows: list[torch.Tensor], tokenizer, n: int) -> list[dict]:
-    """The ``n`` tokens with the largest loss(all small) − loss(oracle over the whole evaluated space)."""
-    oracle_loss = losses["routes"].min(0).values  # [N]
-    difficulty = losses["small"] - oracle_loss
-    T = windows[0].shape[1] - 1
-    flat_windows = torch.cat(windows).cpu()  # [n_windows, T+1]
+@torch.no_grad()
+def fixed_route_losses(model, windows, route: int) -> torch.Tensor:
+    """ℓ_t of the route taking ``route`` in every routed layer: [S, T]."""
+    all_one = torch.full((1, len(routed_layers(model))), route)
+    return torch.cat([route_losses_naive(model, w, all_one)[0].cpu() for w in windows])
+
+
+@torch.no_grad()
+def router_losses(model, windows) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router model's own hard-argmax routes: token losses [S, T] and route fractions per layer [L, 3]."""
+    losses, fractions = [], []
+    for w in windows:
+        losses.append(token_losses(model(w[:, :-1]), w[:, 1:]).cpu())
+        fractions.append(torch.stack([m.route_fraction.cpu() for m in duo_layers(model)]))
+    return torch.cat(losses), torch.stack(fractions).mean(0)
+
+
+def router_space(model) -> str:
+    return "skip-small-big" if duo_layers(model)[0].router_skip else "small-big"
+
+
+def is_router(model) -> bool:
+    return all(m.routing == "router" for m in duo_layers(model))
+
+
+def backbone_difference(model, other) -> Optional[str]:
+    """The first weight (outside the routers) in which ``other`` differs from ``model``, or None."""
+    theirs = other.state_dict()
+    for k, v in model.state_dict().items():
+        if ".ffn.router." not in k and (k not in theirs or not torch.equal(v, theirs[k].to(v.device))):
+            return k
+    return None
+
+
+def load_routers(target: str, model, cfg: dict, sources: list[str], device) -> list[tuple[str, dict, object]]:
+    """(name, config, model) of every router to evaluate: the checkpoint itself if it routes, then ``sources``,
+    each checked to share the checkpoint's weights outside its routers."""
+    routers = [(str(target), cfg, model)] if is_router(model) else []
+    for src in sources:
+        rcfg, rmodel = load_trained(src, map_location=device)
+        if routed_layers(rmodel) != routed_layers(model) or not is_router(rmodel):
+            raise ConfigError(
+                f"--routers {src}: not a duo model with a router in every routed layer of {target} "
+                f"(layers {routed_layers(model)}; model.ffn.routing)"
+            )
+        diff = backbone_difference(model, rmodel)
+        if diff:
+            raise ConfigError(
+                f"--routers {src}: its weights differ from {target}'s outside the routers (first: {diff}); "
+                f"train routers on this model with optim.freeze_backbone=true (fit --init-from {target})"
+            )
+        routers.append((str(src), rcfg, rmodel))
+    return routers
+
+
+def evaluate_routers(routers, space: str, windows) -> tuple[list[dict], list[str]]:
+    """Per router of this route space: budget, perplexity, mean big layers, route fractions per layer [L, 3];
+    and the names of the routers left out (trained in another space)."""
+    rows, left_out = [], []
+    for name, rcfg, rmodel in routers:
+        if router_space(rmodel) != space:
+            left_out.append(f"{name} (routes over {router_space(rmodel)})")
+            continue
+        losses, fractions = router_losses(rmodel, windows)
+        rows.append(
+            {
+                "run": name,
+                "budget": rcfg["optim"]["router_budget"],
+                "ppl": math.exp(losses.mean().item()),
+                "mean_big_layers": fractions[:, BIG].sum().item(),
+                "route_fraction": fractions.tolist(),  # [L, 3]: skip, small, big
+            }
+        )
+    return sorted(rows, key=lambda r: r["mean_big_layers"]), left_out
+
+
+def with_ppl(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r.update({k[: -len("_loss")] + "_ppl": math.exp(v) for k, v in list(r.items()) if k.endswith("_loss")})
+    return rows
+
+
+def difficult_tokens(losses: torch.Tensor, reference: torch.Tensor, routes, windows, tokenizer, n) -> list[dict]:
+    """The ``n`` tokens with the largest ℓ_t(reference route) − ℓ_t(oracle over ``routes``); ``losses`` [R, S, T],
+    ``reference`` [S, T]."""
+    oracle_loss, best = losses.min(0)  # [S, T]
+    difficulty = (reference - oracle_loss).flatten()
+    T = losses.shape[2]
+    flat_windows = torch.cat(windows).cpu()  # [S, T+1]
     return [
         {
             "difficulty": difficulty[i].item(),
-            "loss_all_small": losses["small"][i].item(),
-            "loss_oracle": oracle_loss[i].item(),
-            "oracle_route": route_str(routes[losses["routes"][:, i].argmin()].tolist()),
+            "loss_reference": reference.flatten()[i].item(),
+            "loss_oracle": oracle_loss.flatten()[i].item(),
+            "oracle_route": route_str(routes[best.flatten()[i]].tolist()),
             "in_context": show_in_context(tokenizer, flat_windows[i // T], i % T),
         }
         for i in difficulty.topk(min(n, len(difficulty))).indices.tolist()
     ]
 
 
-def print_report(result: dict) -> None:
-    router = result["router"]
-    line = f"\nall small: ppl {result['all_small_ppl']:.3f} | all big: ppl {result['all_big_ppl']:.3f}"
-    if router:
-        line += f" | router: ppl {router['ppl']:.3f} at {router['mean_big_layers']:.2f} big layers on average"
-    print(line)
-    print("\n| big layers K | routes | best fixed (route) | best of 100 random | oracle |\n|---:|---:|---|---:|---:|")
-    for r in result["per_budget"]:
-        print(
-            f"| {r['budget']} | {r['n_routes']} | {r['fixed_ppl']:.3f} ({route_str(r['fixed_route'])}) | "
-            f"{r['random100_ppl']:.3f} | {r['oracle_ppl']:.3f} |"
+def control_result(source: str, cfg: dict, layers: list[int], windows, routes, budgets, opts, device) -> dict:
+    """The control model's statistics over the same routes and held-out windows."""
+    ccfg, cmodel = load_trained(source, map_location=device)
+    if routed_layers(cmodel) != layers:
+        raise ConfigError(
+            f"--control {source}: its duo FFNs are in layers {routed_layers(cmodel)}; the model's in {layers}"
         )
-    print("\n(routes: layer 0 first; s = small, S = skip, B = big)")
-    print("\noracle: fraction of tokens routed big, layer x budget")
-    print("layer " + " ".join(f"K={r['budget']:<3}" for r in result["per_budget"]))
-    for j in range(result["n_layers"]):
-        print(f"{j:>5} " + " ".join(f"{r['oracle_big_fraction'][j]:5.2f}" for r in result["per_budget"]))
-    print("\nmost difficult tokens (loss all-small - loss oracle), target in [[ ]]:")
-    for d in result["difficult_tokens"]:
-        print(f"  {d['difficulty']:6.2f}  {d['oracle_route']}  …{d['in_context']}")
+    if ccfg["data"]["tokenizer"] != cfg["data"]["tokenizer"]:
+        raise ConfigError(f"--control {source}: tokenizer {ccfg['data']['tokenizer']!r}, the model's is different")
+    losses = space_losses(cmodel, windows, routes, opts["chunk"], opts["max_states"], log=lambda s: None)
+    layer0 = duo_layers(cmodel)[0]
+    return {
+        "checkpoint": str(source),
+        "d_ff_small": layer0.small.w1.weight.shape[0],
+        "d_ff_big": layer0.big.w1.weight.shape[0],
+        "per_budget": with_ppl(summarise(losses, routes, budgets, opts["random_per"])),
+    }
+
+
+def check_request(model, budget: Optional[int], space: str, control: Optional[str]) -> None:
+    D = len(routed_layers(model))
+    if D == 0:
+        raise ConfigError("model.ffn: the oracle needs a duo FFN (ffn: {type: duo}) in at least one layer; none has")
+    if any(getattr(m, "share_boundaries", False) for m in model.modules()):
+        raise ConfigError(
+            "mixer.share_boundaries: the oracle's route tree runs one layer at a time, so layers cannot share "
+            "state within a forward; set share_boundaries: false (or override it on the command line)"
+        )
+    if budget is not None and not 0 <= budget <= D:
+        raise ConfigError(f"--budget {budget}: must be between 0 and the number of routed (duo) layers, {D}")
+    if control and space != "small-big":
+        raise ConfigError(
+            f"--control with --space {space}: the control's routes carry no signal only between its small and big "
+            "modules (skip differs from both), so a control needs --space small-big"
+        )
+
+
+def routed_layers_note(model) -> str:
+    """Which layers the routes cover, and what the others do."""
+    layers, L = routed_layers(model), len(model.blocks)
+    if len(layers) == L:
+        return f"routes cover all {L} layers (each has a duo FFN)"
+    skipped = [f"{j} ({type(b.ffn).__name__})" for j, b in enumerate(model.blocks) if j not in layers]
+    return (
+        f"routes cover the {len(layers)} layers with a duo FFN: {layers}; layers without one are skipped by the "
+        f"routing and run as they are on every route: {', '.join(skipped)}"
+    )
+
+
+def study(target: str, cfg: dict, model, windows, routes, budgets, routers, control, opts: dict, device) -> dict:
+    """Every statistic of the oracle command (printing only the progress of the route losses)."""
+    space, L, layers = opts["space"], len(model.blocks), routed_layers(model)
+    start = time.perf_counter()
+    losses = space_losses(model, windows, routes, opts["chunk"], opts["max_states"], lambda s: print(s, flush=True))
+    seconds = time.perf_counter() - start
+    ref_route = SMALL if SMALL in SPACES[space] else SKIP  # all-small, or all-skip in the skip/big space
+    refs = {ROUTE_NAMES[r]: fixed_route_losses(model, windows, r) for r in {SMALL, BIG, ref_route}}
+    router_rows, left_out = evaluate_routers(routers, space, windows)
+    result = {
+        "checkpoint": str(target),
+        "route_space": space,
+        "n_layers": L,
+        "routed_layers": layers,
+        "tokens": sum(w[:, 1:].numel() for w in windows),
+        "n_routes": len(routes),
+        "route_losses_seconds": seconds,
+        "device": str(device),
+        "random_per": opts["random_per"],
+        "all_small_ppl": math.exp(refs["small"].mean().item()),
+        "all_big_ppl": math.exp(refs["big"].mean().item()),
+        "per_budget": with_ppl(summarise(losses, routes, budgets, opts["random_per"])),
+        "routers": router_rows,
+        "routers_left_out": left_out,
+        "control": control_result(control, cfg, layers, windows, routes, budgets, opts, device) if control else None,
+        "difficulty_reference": "all-" + ROUTE_NAMES[ref_route],
+    }
+    from train.data import build_tokenizer
+
+    reference = refs[ROUTE_NAMES[ref_route]]  # [S, T]
+    tokenizer = build_tokenizer(cfg["data"]["tokenizer"])
+    result["difficult_tokens"] = difficult_tokens(losses, reference, routes, windows, tokenizer, opts["n_difficult"])
+    return result
 
 
 def oracle(
     target: str,
     overrides=(),
+    space: str = "small-big",
     budget: Optional[int] = None,
-    with_skip: bool = False,
+    routers: tuple[str, ...] = (),
+    control: Optional[str] = None,
+    random_per: str = "text",
     batches: int = 8,
     out_dir: Optional[str] = None,
     chunk: int = 16,
+    max_states: int = 512,
     n_difficult: int = 12,
 ) -> dict:
-    """Run the oracle study on a duo checkpoint; print the table, write oracle.json and two PNGs."""
-    from train.data import build_tokenizer
-
+    """Run the oracle study on a duo checkpoint; print the tables, write oracle.json and two PNGs."""
     device = device_for()
     cfg, model = load_trained(target, overrides, map_location=device)
-    L, n_duo = len(model.blocks), sum(isinstance(m, DuoFFN) for m in model.modules())
-    if n_duo != L:
-        raise ConfigError(f"model.ffn: the oracle needs a duo FFN in every layer ({n_duo} of {L} layers have one)")
-    if budget is not None and not 0 <= budget <= L:
-        raise ConfigError(f"--budget {budget}: must be between 0 and the number of layers, {L}")
-    low = SKIP if with_skip else SMALL
-    space, routes = f"{ROUTE_NAMES[low]}/big", route_space(L, low, budget)
-    budgets = list(range(L + 1)) if budget is None else [budget]
+    check_request(model, budget, space, control)
+    L, layers = len(model.blocks), routed_layers(model)
+    routes, budgets = (
+        route_space(len(layers), space, budget),
+        (list(range(len(layers) + 1)) if budget is None else [budget]),
+    )
     out = Path(out_dir) if out_dir else run_dir_of(target) / "oracle"
     windows = held_out_windows(cfg, batches, device)
-    n_tok = sum(w[:, 1:].numel() for w in windows)
+    router_models = load_routers(target, model, cfg, list(routers), device)
+    print(routed_layers_note(model), flush=True)
     print(
-        f"oracle {target} on {device}: {L} layers, {space} routes ({len(routes)} routes, budgets "
-        f"{budgets[0]}-{budgets[-1]}), {len(windows)} held-out batches = {n_tok} tokens; prefix-sharing route "
-        f"tree, {chunk} prefixes per call\n  writing {out}/ (oracle.json, ppl_vs_budget.png, oracle_big_heatmap.png)",
+        f"oracle {target} on {device}: {L} layers, {space} route space ({len(routes)} routes, budgets "
+        f"{budgets[0]}-{budgets[-1]}), {len(windows)} held-out batches = {sum(w[:, 1:].numel() for w in windows)} "
+        f"tokens; prefix-sharing route tree ({chunk} prefixes per call, at most {max_states} states held); "
+        f"{len(router_models)} router(s){', control ' + control if control else ''}\n  writing {out}/ "
+        "(oracle.json, ppl_vs_budget.png, oracle_big_heatmap.png)",
         flush=True,
     )
-    losses = collect(model, windows, routes, chunk)
-    result = {
-        "checkpoint": str(target),
-        "route_space": space,
-        "n_layers": L,
-        "tokens": n_tok,
-        "n_routes": len(routes),
-        "all_small_ppl": math.exp(losses["small"].mean().item()),
-        "all_big_ppl": math.exp(losses["big"].mean().item()),
-        "per_budget": summarise(losses["routes"], routes, budgets),
-        "router": None,
-    }
-    if "router" in losses:
-        result["router"] = {
-            "ppl": math.exp(losses["router"].mean().item()),
-            "mean_big_layers": losses["router_big"].item(),
-        }
-    for r in result["per_budget"]:
-        r.update({k.replace("_loss", "_ppl"): math.exp(r[k]) for k in ("fixed_loss", "random100_loss", "oracle_loss")})
-    tokenizer = build_tokenizer(cfg["data"]["tokenizer"])
-    result["difficult_tokens"] = difficult_tokens(losses, routes, windows, tokenizer, n_difficult)
+    opts = {"space": space, "chunk": chunk, "max_states": max_states, "random_per": random_per}
+    opts["n_difficult"] = n_difficult
+    result = study(target, cfg, model, windows, routes, budgets, router_models, control, opts, device)
     print_report(result)
     out.mkdir(parents=True, exist_ok=True)
     (out / "oracle.json").write_text(json.dumps(result, indent=1))
@@ -318,14 +318,32 @@ def oracle(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_target(p, "checkpoint file, run directory, or exported model directory of a duo model")
+    p.add_argument("--space", choices=tuple(SPACES), default="small-big", help="route space (default small-big)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", type=int, default=None, help="only routes with exactly K big layers")
     g.add_argument("--all-budgets", action="store_true", help="every route, reported per budget K = 0..L (default)")
-    p.add_argument("--with-skip", action="store_true", help="route space big/skip instead of big/small")
+    p.add_argument("--routers", nargs="+", default=[], help="router runs trained on this checkpoint (one per budget)")
+    p.add_argument("--control", default=None, help="a control model's run (configs/lm/duo-tiny-control.yaml)")
+    p.add_argument(
+        "--random-per", choices=RANDOM_PER, default="text", help="a random trial draws one route per: text, sequence"
+    )
     p.add_argument("--batches", type=int, default=8, help="held-out batches (data.batch_size x data.seq_len tokens)")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/oracle)")
     p.add_argument("--chunk", type=int, default=16, help="route prefixes per batched module call")
+    p.add_argument("--max-states", type=int, default=512, help="hidden states [B, T, D] held at once at most")
 
 
 def run(args: argparse.Namespace) -> None:
-    oracle(args.target, args.overrides, args.budget, args.with_skip, args.batches, args.out, args.chunk)
+    oracle(
+        args.target,
+        args.overrides,
+        space=args.space,
+        budget=args.budget,
+        routers=tuple(args.routers),
+        control=args.control,
+        random_per=args.random_per,
+        batches=args.batches,
+        out_dir=args.out,
+        chunk=args.chunk,
+        max_states=args.max_states,
+    )

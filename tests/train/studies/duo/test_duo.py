@@ -1,56 +1,25 @@
-"""Duo-LLM training and oracles: prefix sharing == naive passes, oracle statistics, deterministic random routing
-under resume, stage 3 (router) from a stage-1 run with a frozen backbone, the oracle command's outputs."""
+"""Duo-LLM training and the oracle command: deterministic random routing under resume, stage 3 (router) from a
+stage-1 run with a frozen backbone, the oracle command's outputs with routers and a control (the statistics
+themselves: test_oracle.py)."""
 
 import csv
 import json
-import math
 import shutil
 
 import pytest
 import torch
 
-import arch
-from arch.duo import BIG, SKIP, SMALL
+from arch.registry import ConfigError
 from train.checkpoint import load_trained
 from train.cli import main
 from train.fit import fit
 from train.studies.duo.method import inv_temp_at
-from train.studies.duo.oracle import route_losses, route_losses_naive, route_space, summarise
+from train.studies.duo.oracle import load_routers
 
 from ....conftest import CONFIGS, micro_overrides
 
 DUO = str(CONFIGS / "lm/duo-tiny.yaml")
 ROUTER = str(CONFIGS / "lm/duo-tiny-router.yaml")
-
-
-@pytest.mark.parametrize("low, budget", [(SMALL, None), (SMALL, 2), (SKIP, None)])
-def test_prefix_sharing_oracle_equals_naive_per_route_passes(low, budget):
-    torch.manual_seed(0)
-    model = arch.build_model(
-        {"d_model": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "ffn": {"type": "duo", "d_ff": 64}}
-    ).eval()
-    batch = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(1))
-    routes = route_space(4, low, budget)
-    assert len(routes) == (6 if budget == 2 else 16) and set(routes.unique().tolist()) == {low, BIG}
-    tree = route_losses(model, batch, routes, chunk=3)  # chunk smaller than a level: several calls per level
-    torch.testing.assert_close(tree, route_losses_naive(model, batch, routes), rtol=0, atol=1e-6)
-    assert tree.shape == (len(routes), 3, 16)
-    assert tree.std(0).mean() > 1e-3  # routes really differ
-
-
-def test_oracle_statistics_match_their_definitions():
-    routes = route_space(3)  # [8, 3]
-    losses = torch.rand(8, 50, generator=torch.Generator().manual_seed(0))  # [R, N]
-    rows = summarise(losses, routes, [0, 1, 2, 3])
-    for k, row in enumerate(rows):
-        ids = [i for i, r in enumerate(routes.tolist()) if r.count(BIG) == k]
-        assert row["n_routes"] == math.comb(3, k)
-        assert row["fixed_loss"] == pytest.approx(min(losses[i].mean().item() for i in ids))
-        per_token_best = [min(losses[i, t].item() for i in ids) for t in range(50)]
-        assert row["oracle_loss"] == pytest.approx(sum(per_token_best) / 50)
-        assert row["oracle_loss"] <= row["random100_loss"] + 1e-6
-        assert row["oracle_loss"] <= row["fixed_loss"] + 1e-6
-        assert sum(row["oracle_big_fraction"]) == pytest.approx(k)  # every oracle route has exactly k big layers
 
 
 def test_inverse_temperature_is_annealed_upward():
@@ -91,31 +60,83 @@ def test_random_routing_same_seed_same_curve_and_resume_gives_same_curve(stage1,
     assert losses_of(tmp_path / "resumed") == {s: ref[s] for s in range(3, 6)}
 
 
-def test_router_stage_from_stage1_trains_only_the_router_then_oracle(stage1, tmp_path, cache_dir, capsys):
-    over = duo_micro(tmp_path, cache_dir, **{"trainer.max_steps": 4})
+@pytest.fixture(scope="module")
+def router_run(stage1, tmp_path_factory, cache_dir):
+    """A 4-step stage-3 run (routers only, budget 0.25) from ``stage1``."""
+    tmp = tmp_path_factory.mktemp("duo3")
+    over = duo_micro(tmp, cache_dir, **{"trainer.max_steps": 4, "optim.router_budget": 0.25})
     assert main(["fit", ROUTER, *over, "--init-from", str(stage1)]) == 0
-    assert f"weights initialised from {stage1}" in capsys.readouterr().out
-    (run,) = (tmp_path / "runs" / "duo-tiny-router").iterdir()
+    (run,) = (tmp / "runs" / "duo-tiny-router").iterdir()
+    return run
+
+
+def test_router_stage_from_stage1_trains_only_the_router(stage1, router_run):
     _, before = load_trained(stage1)
-    _, after = load_trained(run)
+    _, after = load_trained(router_run)
     changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(".ffn.router." in k for k in changed)  # frozen backbone: only routers moved
-    rows = metrics(run)
+    rows = metrics(router_run)
     assert any(r.get("train/router_aux") for r in rows)
     betas = [float(r["duo/router_inv_temp"]) for r in rows if r.get("duo/router_inv_temp")]
     assert betas == sorted(betas) and betas[-1] > betas[0]  # annealed upward
 
+
+def oracle_json(args: list[str], out) -> dict:
+    assert main(["oracle", *args, "--batches", "1", "data.batch_size=2", "--out", str(out)]) == 0
+    return json.loads((out / "oracle.json").read_text())
+
+
+def test_oracle_with_routers_and_a_control(stage1, router_run, tmp_path, capsys):
     out = tmp_path / "oracle"
-    assert main(["oracle", str(run), "--batches", "1", "data.batch_size=2", "--out", str(out)]) == 0
+    result = oracle_json([str(stage1), "--routers", str(router_run), "--control", str(stage1)], out)
     printed = capsys.readouterr().out
-    assert "| big layers K |" in printed and "most difficult tokens" in printed and "router: ppl" in printed
-    result = json.loads((out / "oracle.json").read_text())
-    assert [r["budget"] for r in result["per_budget"]] == [0, 1, 2] and result["router"] is not None
-    k0, k2 = result["per_budget"][0], result["per_budget"][2]
-    assert k0["oracle_ppl"] == pytest.approx(result["all_small_ppl"], rel=1e-5)
+    assert "| big layers K | routes | best fixed (route) | mean of routes | best of 100 random (route) |" in printed
+    assert "most difficult tokens: loss(all-small) - loss(oracle over all 4 small/big routes)" in printed
+    assert [r["budget"] for r in result["per_budget"]] == [0, 1, 2]
+    k0, k2 = result["per_budget"][0], result["per_budget"][2]  # one route each: every statistic is that route
+    assert k0["oracle_ppl"] == pytest.approx(result["all_small_ppl"], rel=1e-5)  # tree vs a plain forward pass
     assert k2["fixed_ppl"] == pytest.approx(result["all_big_ppl"], rel=1e-5)
+    assert k2["random_ppl"] == k2["mean_route_ppl"] == k2["fixed_ppl"] == k2["oracle_ppl"]
+    # the model as its own control: the control's statistics are the model's, exactly
+    control = result["control"]["per_budget"]
+    assert [(r["fixed_loss"], r["oracle_loss"], r["random_loss"]) for r in control] == [
+        (r["fixed_loss"], r["oracle_loss"], r["random_loss"]) for r in result["per_budget"]
+    ]
+    (router,) = result["routers"]
+    assert router["budget"] == 0.25 and router["run"] == str(router_run)
+    assert router["mean_big_layers"] == pytest.approx(sum(f[2] for f in router["route_fraction"]))
+    assert "| router (optim.router_budget) |" in printed and "| 0.25 |" in printed
     assert len(result["difficult_tokens"]) == 12 and "[[" in result["difficult_tokens"][0]["in_context"]
     assert (out / "ppl_vs_budget.png").stat().st_size > 0 and (out / "oracle_big_heatmap.png").stat().st_size > 0
+
+
+def test_oracle_in_the_skip_spaces_leaves_small_big_routers_out(router_run, tmp_path, capsys):
+    result = oracle_json([str(router_run), "--space", "skip-big"], tmp_path / "a")
+    assert result["routers"] == [] and result["routers_left_out"] == [f"{router_run} (routes over small-big)"]
+    assert "router left out (not trained in the skip/big space)" in capsys.readouterr().out
+    assert result["difficulty_reference"] == "all-skip"
+    result = oracle_json([str(router_run), "--space", "skip-small-big", "--random-per", "sequence"], tmp_path / "b")
+    assert [r["n_routes"] for r in result["per_budget"]] == [4, 4, 1] and result["n_routes"] == 9
+    assert result["difficulty_reference"] == "all-small" and result["routers"] == []
+    assert result["per_budget"][1]["random_route"] is None  # one route per sequence: no single route to show
+
+
+def test_oracle_control_only_in_the_small_big_space(stage1, capsys):
+    assert main(["oracle", str(stage1), "--space", "skip-big", "--control", str(stage1)]) == 2
+    assert "a control needs --space small-big" in capsys.readouterr().err
+
+
+def test_routers_must_share_the_checkpoints_weights_outside_the_routers(stage1, router_run):
+    cfg, model = load_trained(stage1)
+    assert len(load_routers(str(stage1), model, cfg, [str(router_run)], "cpu")) == 1
+    with torch.no_grad():
+        model.blocks[1].norm2.weight.add_(1e-3)
+    with pytest.raises(ConfigError, match=r"weights differ from .* outside the routers \(first: blocks.1.norm2"):
+        load_routers(str(stage1), model, cfg, [str(router_run)], "cpu")
+    with pytest.raises(
+        ConfigError, match=r"not a duo model with a router in every routed layer of .* \(layers \[0, 1\]"
+    ):
+        load_routers(str(stage1), model, cfg, [str(stage1)], "cpu")
 
 
 def test_init_from_a_model_of_another_shape_takes_the_sources_model(stage1, tmp_path, cache_dir, capsys):
@@ -136,4 +157,32 @@ def test_paper_config_has_the_papers_shape_and_about_1_4b_parameters(capsys):
 
 def test_oracle_rejects_a_budget_beyond_the_depth(stage1, capsys):
     assert main(["oracle", str(stage1), "--budget", "3"]) == 2  # the micro model has 2 layers
-    assert "--budget 3: must be between 0 and the number of layers, 2" in capsys.readouterr().err
+    assert "--budget 3: must be between 0 and the number of routed (duo) layers, 2" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory, cache_dir):
+    """A 2-step duo run of 3 layers whose layer 1 has a plain MLP instead of a duo FFN."""
+    tmp = tmp_path_factory.mktemp("hybrid")
+    over = {"model.n_layers": 3, "model.layers.1.ffn.type": "mlp", "trainer.max_steps": 2, "trainer.val_every": 2}
+    return fit(DUO, duo_micro(tmp, cache_dir, **over, **{"trainer.ckpt_every": 2}))["run_dir"]
+
+
+def test_oracle_skips_layers_without_a_duo_ffn_and_says_so(hybrid_run, tmp_path, capsys):
+    result = oracle_json([str(hybrid_run), "--space", "skip-small-big"], tmp_path / "o")
+    printed = capsys.readouterr().out
+    assert "routes cover the 2 layers with a duo FFN: [0, 2]; layers without one are skipped by the routing" in printed
+    assert "run as they are on every route: 1 (MLP)" in printed
+    assert result["routed_layers"] == [0, 2] and result["n_routes"] == 9  # 3^2 routes over the 2 duo layers
+    assert [r["budget"] for r in result["per_budget"]] == [0, 1, 2]
+    assert len(result["per_budget"][1]["oracle_big_fraction"]) == 2
+    assert "routes: one letter per routed layer (layers [0, 2])" in printed
+    k2 = result["per_budget"][2]  # one route (big, big): every statistic is that route's, as a plain pass gives
+    assert k2["fixed_ppl"] == k2["oracle_ppl"] == pytest.approx(result["all_big_ppl"], rel=1e-5)
+
+
+def test_oracle_refuses_a_model_without_duo_ffns(tmp_path, cache_dir, capsys):
+    over = {"model.ffn.type": "mlp", "trainer.max_steps": 1, "trainer.val_every": 1, "trainer.ckpt_every": 1}
+    run = fit(DUO, duo_micro(tmp_path, cache_dir, **over))["run_dir"]
+    assert main(["oracle", str(run)]) == 2
+    assert "the oracle needs a duo FFN (ffn: {type: duo}) in at least one layer; none has" in capsys.readouterr().err
