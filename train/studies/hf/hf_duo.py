@@ -30,25 +30,21 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch.duo import BIG, SMALL
+from arch.duo import BIG
 from arch.interop import swap_mlp
 from arch.interop.swap import decoder_layers, select_layers
 from arch.registry import ConfigError
 from train.studies.duo.method import DuoHooks, duo_layers
-from train.studies.duo.oracle import (
-    difficult_tokens,
-    plot,
-    print_report,
-    route_losses,
-    route_space,
-    summarise,
-    token_losses,
-)
+from train.studies.duo.oracle import difficult_tokens, space_losses, with_ppl
+from train.studies.duo.report import plot, print_report
+from train.studies.duo.routes import route_space, routed_layers, token_losses
+from train.studies.duo.summary import summarise
 from train.studies.hf.hf_swap import heldout_ids, load_gguf, smollm2_file, windows
 
 
@@ -98,83 +94,81 @@ def train_stage(
 
 # --------------------------------------------------------------------------------------------- oracle glue
 class OracleBlock:
-    """One duo layer as the oracle walks it: ``attend`` runs the non-duo decoder layers before it, then its own
-    attention (with residual); ``feed_forward`` its DuoFFN on a given route (with residual)."""
+    """One Hugging Face decoder layer in the layout ``duo.routes`` walks: ``ffn`` (its MLP, a ``DuoFFN`` where
+    routed), ``attend`` (attention with residual), ``feed_forward`` (the MLP on a given route, with residual)."""
 
-    def __init__(self, before: list[nn.Module], layer: nn.Module, pos: tuple):
-        self.before, self.layer, self.pos = before, layer, pos
+    def __init__(self, layer: nn.Module, pos: tuple):
+        self.layer, self.ffn, self.pos = layer, layer.mlp, pos
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:  # [N, T, D]
-        for layer in self.before:
-            x = layer(x, position_embeddings=self.pos)
         h = self.layer.input_layernorm(x)
         return x + self.layer.self_attn(h, position_embeddings=self.pos, attention_mask=None)[0]
 
-    def feed_forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:  # [N, T, D], route [N, T]
-        return x + self.layer.mlp(self.layer.post_attention_layernorm(x), route=route)
+    def feed_forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:  # route [N, T]
+        h = self.layer.post_attention_layernorm(x)
+        return x + (self.ffn(h) if route is None else self.ffn(h, route=route))
+
+    def __call__(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.feed_forward(self.attend(x), route)
 
 
 class OracleView:
-    """The Hugging Face model in the layout ``oracle.route_losses`` walks, for sequences of ``T`` tokens:
-    ``tok_emb``, ``blocks`` (one ``OracleBlock`` per duo layer), ``norm_f`` (the layers after the last duo layer
-    and the final norm), ``head``."""
+    """The Hugging Face model in the layout ``duo.routes`` walks, for sequences of ``T`` tokens: ``tok_emb``,
+    ``blocks`` (one ``OracleBlock`` per decoder layer), ``norm_f``, ``head``."""
 
-    def __init__(self, model, duo_idx: list[int], T: int):
-        base, layers = model.model, decoder_layers(model)
-        x = torch.zeros(1, T, model.config.hidden_size)
-        pos = base.rotary_emb(x, torch.arange(T)[None])  # (cos, sin), broadcast over the batch
-        bounds = [-1, *duo_idx]
-        self.blocks = [OracleBlock(list(layers[a + 1 : b]), layers[b], pos) for a, b in zip(bounds, bounds[1:])]
-        self.after, self.pos, self.final_norm = list(layers[duo_idx[-1] + 1 :]), pos, base.norm
-        self.tok_emb, self.head = base.embed_tokens, model.lm_head
-
-    def norm_f(self, s: torch.Tensor) -> torch.Tensor:  # [..., T, D]
-        x = s.flatten(0, -3)
-        for layer in self.after:
-            x = layer(x, position_embeddings=self.pos)
-        return self.final_norm(x).view_as(s)
+    def __init__(self, model, T: int):
+        base = model.model
+        pos = base.rotary_emb(torch.zeros(1, T, model.config.hidden_size), torch.arange(T)[None])  # (cos, sin)
+        self.blocks = [OracleBlock(layer, pos) for layer in decoder_layers(model)]
+        self.tok_emb, self.norm_f, self.head = base.embed_tokens, base.norm, model.lm_head
 
 
 @torch.no_grad()
-def oracle_losses(model, duo_idx: list[int], wins: list[torch.Tensor], chunk: int) -> dict[str, torch.Tensor]:
-    """Per-token losses: "routes" [R, N] over every small/big route of the duo layers, "small" / "big" [N] (the
-    all-small and all-big routes), "router" [N] and "router_big" (the routers' hard argmax routes, in big layers)."""
-    view, routes = OracleView(model, duo_idx, wins[0].shape[1] - 1), route_space(len(duo_idx), SMALL)
-    layers = duo_layers(model)
+def router_row(model, wins: list[torch.Tensor], budget: float) -> dict:
+    """The routers' own hard argmax routes (eval mode), in ``report.router_table``'s format."""
+    layers, losses, fractions = duo_layers(model), [], []
     for m in layers:
-        m.routing = "router"  # hard argmax in eval mode
-    out = {"routes": [], "router": [], "router_big": []}
+        m.routing = "router"
     for w in wins:
-        out["routes"].append(route_losses(view, w, routes, chunk).flatten(1))  # [R, T]
-        out["router"].append(token_losses(model(w[:, :-1], use_cache=False).logits, w[:, 1:]).flatten())
-        out["router_big"].append(sum(m.route_fraction[BIG].item() for m in layers))
-    losses = torch.cat(out["routes"], 1)  # [R, N]
+        losses.append(token_losses(model(w[:, :-1], use_cache=False).logits, w[:, 1:]))
+        fractions.append(torch.stack([m.route_fraction for m in layers]))  # [L, 3]
+    f = torch.stack(fractions).mean(0)
+    ppl = math.exp(torch.cat(losses).mean().item())
     return {
-        "routes": losses,
-        "small": losses[0],  # route_space is lexicographic: all small first, all big last
-        "big": losses[-1],
-        "router": torch.cat(out["router"]),
-        "router_big": torch.tensor(out["router_big"]).mean(),
+        "run": "hf-duo",
+        "budget": budget,
+        "ppl": ppl,
+        "mean_big_layers": f[:, BIG].sum().item(),
+        "route_fraction": f.tolist(),
     }
 
 
-def oracle_result(losses: dict, duo_idx: list[int], wins: list[torch.Tensor], tokenizer) -> dict:
-    """The dict ``oracle.print_report`` and ``oracle.plot`` take (layers are the duo layers, in order)."""
-    L, routes = len(duo_idx), route_space(len(duo_idx), SMALL)
+def oracle_result(model, wins: list[torch.Tensor], tokenizer, args) -> dict:
+    """``duo.oracle``'s statistics over the small/big routes of the duo layers, in the dict ``report`` prints."""
+    view = OracleView(model, wins[0].shape[1] - 1)
+    duo_idx = routed_layers(view)
+    routes, t0 = route_space(len(duo_idx)), time.perf_counter()
+    losses = space_losses(view, wins, routes, args.chunk, 512)  # [R, S, T]
+    small, big = losses[0], losses[-1]  # lexicographic: all small first, all big last
     result = {
-        "model_layers": duo_idx,
-        "route_space": f"small/big in layers {','.join(map(str, duo_idx))}",
-        "n_layers": L,
-        "tokens": losses["routes"].shape[1],
+        "checkpoint": "SmolLM2-135M-Instruct (hf-duo)",
+        "route_space": "small-big",
+        "n_layers": len(view.blocks),
+        "routed_layers": duo_idx,
+        "tokens": small.numel(),
         "n_routes": len(routes),
-        "all_small_ppl": math.exp(losses["small"].mean().item()),
-        "all_big_ppl": math.exp(losses["big"].mean().item()),
-        "per_budget": summarise(losses["routes"], routes, list(range(L + 1))),
-        "router": {"ppl": math.exp(losses["router"].mean().item()), "mean_big_layers": losses["router_big"].item()},
+        "route_losses_seconds": time.perf_counter() - t0,
+        "device": "cpu",
+        "random_per": "text",
+        "all_small_ppl": math.exp(small.mean().item()),
+        "all_big_ppl": math.exp(big.mean().item()),
+        "per_budget": with_ppl(summarise(losses, routes, list(range(len(duo_idx) + 1)), "text")),
+        "routers": [router_row(model, wins, args.router_budget)],
+        "routers_left_out": [],
+        "control": None,
+        "difficulty_reference": "all-small",
     }
-    for r in result["per_budget"]:
-        r.update({k.replace("_loss", "_ppl"): math.exp(r[k]) for k in ("fixed_loss", "random100_loss", "oracle_loss")})
-    result["difficult_tokens"] = difficult_tokens(losses, routes, wins, tokenizer, 8)
+    result["difficult_tokens"] = difficult_tokens(losses, small, routes, wins, tokenizer, 8)
     return result
 
 
@@ -223,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     hist["router"] = train_stage(model, routers, ids, args, args.router_minutes, DuoHooks(layers, cfg), log)
     wins = windows(heldout_ids(tokenizer), args.eval_len + 1, args.eval_windows)  # [1, T + 1] each
     log(f"  oracle: {2 ** len(duo_idx)} routes x {len(wins)} held-out windows of {args.eval_len} tokens")
-    result = oracle_result(oracle_losses(model, duo_idx, wins, args.chunk), duo_idx, wins, tokenizer)
+    result = oracle_result(model, wins, tokenizer, args)
     result["training"] = {
         k: {"steps": len(v), "last20_loss": sum(v[-20:]) / max(len(v[-20:]), 1)} for k, v in hist.items()
     }

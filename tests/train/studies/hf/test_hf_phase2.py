@@ -17,7 +17,7 @@ from arch.interop.swap import decoder_layers  # noqa: E402
 from train.data import ByteTokenizer  # noqa: E402
 from train.studies.dhsa.needle import build_cells, score_prompts  # noqa: E402
 from train.studies.duo.method import DuoHooks, duo_layers  # noqa: E402
-from train.studies.duo.oracle import route_losses, route_space, token_losses  # noqa: E402
+from train.studies.duo.routes import route_losses, route_space, token_losses  # noqa: E402
 from train.studies.hf import hf_duo, hf_passkey, hf_prefill  # noqa: E402
 
 
@@ -99,8 +99,8 @@ def test_oracle_view_route_losses_equal_full_forward_passes():
     for m in duo_layers(model):  # make the small modules matter
         torch.nn.init.normal_(m.small.w2.weight, std=0.5)
     batch = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(2))
-    routes = route_space(2, SMALL)  # [4, 2]
-    view = hf_duo.OracleView(model, duo_idx, 40)
+    routes = route_space(2)  # [4, 2]: small/big
+    view = hf_duo.OracleView(model, 40)
     with torch.no_grad():
         ours = route_losses(view, batch, routes, chunk=3)  # [4, 1, 40]
         for r, route in enumerate(routes.tolist()):
@@ -133,3 +133,21 @@ def test_training_stages_touch_only_their_modules():
     assert any(".mlp.router." in k for k in changed) and all(".mlp.small." in k or ".mlp.router." in k for k in changed)
     route = layers[0].choose_route(torch.randn(1, 5, 64))
     assert set(route.flatten().tolist()) <= {SMALL, BIG}
+
+
+def test_oracle_result_has_what_the_duo_report_prints(tmp_path, capsys):
+    from train.studies.duo.report import plot, print_report
+
+    model = tiny_llama(n_layers=3)
+    swap_mlp(model, {"type": "duo", "small_ratio": 4, "routing": "random"}, [0, 2])
+    wins = [torch.randint(0, 256, (1, 33), generator=torch.Generator().manual_seed(s)) for s in (4, 5)]
+    args = parse(hf_duo, "--router-budget", "0.5", "--chunk", "2")
+    result = hf_duo.oracle_result(model, wins, ByteTokenizer(), args)
+    assert result["routed_layers"] == [0, 2] and result["n_routes"] == 4 and result["tokens"] == 64
+    rows = {r["budget"]: r for r in result["per_budget"]}
+    assert rows[0]["oracle_ppl"] == pytest.approx(result["all_small_ppl"], rel=1e-5)
+    assert rows[2]["oracle_ppl"] == pytest.approx(result["all_big_ppl"], rel=1e-5)
+    assert rows[1]["oracle_loss"] <= rows[1]["fixed_loss"]
+    print_report(result)
+    assert "oracle: fraction of tokens routed big" in capsys.readouterr().out
+    assert all(p.is_file() for p in plot(result, tmp_path))
