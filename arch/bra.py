@@ -213,6 +213,17 @@ class CausalBRA(CausalSelfAttention):
             raise ConfigError(f"mixer.topk: {topk} must be >= 0, or 'all' / -1")
         self.region_size, self.topk, self.attend_first, self.query_block = region_size, topk, attend_first, query_block
 
+    def density(self, seq_len: int) -> float:
+        """Fraction of the causal query-key pairs of a ``seq_len``-token sequence that the routing attends at
+        least: a query in region r sees min(r, topk) whole past regions (at least region 0 with ``attend_first``;
+        a routing may add region 0 to its top-k) and its own region causally. 1.0: every past region is always
+        seen, i.e. exactly dense attention."""
+        t = torch.arange(seq_len)
+        r = t // self.region_size  # [T] region of each query
+        past = r if is_all(self.topk) else r.clamp_max(max(self.topk, int(self.attend_first)))
+        seen = past * self.region_size + t % self.region_size + 1  # [T] keys each query sees
+        return float(seen.sum() / (t + 1).sum())
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv_blocks, token_mask = causal_routing(q, k, self.region_size, self.topk, self.query_block, self.attend_first)
         return block_sparse_attention(

@@ -336,6 +336,18 @@ class DHSA(CausalSelfAttention):
             return (pos % self.chunk_size == 0).expand(B, T)
         return nms_starts(self.boundary_scores(k), self.threshold, self.nms_radius, self.max_chunk)
 
+    def density(self, seq_len: int) -> float:
+        """Fraction of the causal query-key pairs of a ``seq_len``-token sequence that the selection attends at
+        least: a block starting at i0 sees min(i0, max(budget, forced)) keys before it (forced: the ``n_init``
+        initial and ``n_recent`` recent tokens; causal mode may force a few more) and itself causally. 1.0: the
+        budget or the forced tokens cover the whole context, i.e. exactly dense attention."""
+        i0 = torch.arange(0, seq_len, self.query_block)  # [nb] block starts
+        forced = forced_count((i0 - self.n_recent).clamp_min(0)[None], i0, self.n_init)[0]  # [nb]
+        before = torch.minimum(i0, forced.clamp_min(self.budget))  # [nb]
+        t = torch.arange(seq_len)
+        seen = before[t // self.query_block] + t % self.query_block + 1  # [T] keys each query sees
+        return float(seen.sum() / (t + 1).sum())
+
     def layer_chunk_starts(self, k: torch.Tensor) -> torch.Tensor:
         """This layer's chunk starts [B, T]; with ``share_boundaries``, inside a model forward, those of the first
         DHSA layer that ran in it (computed from its keys, as the authors chunk layer 0's keys once)."""

@@ -202,7 +202,9 @@ def run(args: argparse.Namespace) -> None:
     overrides = [t for t in targets if "=" in t]
     names = [t for t in targets if t not in configs and t not in overrides]
     if args.steps < 2:
-        raise SystemExit("error: --steps must be >= 2")
+        from arch.registry import ConfigError
+
+        raise ConfigError(f"--steps: {args.steps} is not allowed; allowed values: an integer >= 2")
     if len(configs) == 1:
         bench_loops(configs[0], overrides, args.steps, 5 if args.warmup is None else args.warmup)
     elif configs:

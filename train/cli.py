@@ -3,6 +3,10 @@
 Each command is a module with ``add_arguments(parser)`` and ``run(args)``: the engine's are listed here, and every
 study under ``train/studies/`` adds its own (``COMMANDS`` in its ``__init__``), so a new method touches no engine
 file. Only the module of the command that runs is imported: ``--help`` and config errors are instant.
+
+Exit status: 0 done; 2 bad input (config, checkpoint, arguments, a missing file), one ``error:`` line; 1 a
+failure while running (a non-finite loss, a write that failed), one ``error:`` line; 143 / 130 stopped by
+SIGTERM / SIGINT after writing a checkpoint, one ``interrupted:`` line saying how to resume.
 """
 
 from __future__ import annotations
@@ -79,11 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
     from arch.registry import ConfigError
 
-    from .errors import CheckpointError, NonFiniteLossError
+    from .errors import CheckpointError, Interrupted, NonFiniteLossError
 
     try:
         importlib.import_module(table[args.command]).run(args)
-    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # a missing input (2), or a write that failed: read-only, not a folder, disk full (1)
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, FileNotFoundError) else 1
     return 0

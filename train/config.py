@@ -6,6 +6,8 @@
 * Command-line overrides are OmegaConf dotlists: ``trainer.max_steps=100 model.mixer.type=dense``.
 * Merging (base <- child, config <- overrides) is recursive, except that a block spec whose ``type`` changes is
   replaced whole: the old type's options do not leak into the new one (``arch.config.merge``).
+* ``${oc.env:VAR}`` is refused: the resolved config is saved in ``config.yaml`` and in every checkpoint, so an
+  environment variable (a token, a password) would be written to disk. Pass such values on the command line.
 
 ``load_config`` merges and validates everything (model included) and returns a plain dict; nothing is
 written and nothing trains before the whole config has been checked.
@@ -14,6 +16,8 @@ written and nothing trains before the whole config has been checked.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -22,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from arch.config import merge, to_plain
-from arch.registry import ConfigError, check_fields, fields_of_dataclass
+from arch.registry import ConfigError, check_fields, check_value, fields_of_dataclass
 
 TOP_LEVEL = ("model", "data", "optim", "trainer", "seed", "name", "base")
 
@@ -101,12 +105,28 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: Ma
             raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. trainer.max_steps=100")
     try:
         cfg = merge(cfg, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False))
+        _refuse_env(cfg, "")
         plain = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {e}") from None
     if "name" not in plain:
         plain["name"] = Path(path).stem if path is not None else "model"
     return validate(plain)
+
+
+def _refuse_env(value: Any, path: str) -> None:
+    """No ``${oc.env:...}`` anywhere: its value would be saved with the run (see the module docstring)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _refuse_env(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_env(v, f"{path}[{i}]")
+    elif isinstance(value, str) and re.search(r"\$\{\s*oc\.env\s*:", value):
+        raise ConfigError(
+            f"{path}: {value!r}: ${{oc.env:...}} is refused, since the resolved config is saved in config.yaml and "
+            "in every checkpoint; pass the value as a command-line override instead"
+        )
 
 
 def validate(cfg: Mapping) -> dict:
@@ -122,15 +142,28 @@ def validate(cfg: Mapping) -> dict:
     for key, schema in SECTIONS.items():
         extra = optim_fields() if key == "optim" else []
         cfg[key] = check_fields(cfg.get(key) or {}, fields_of_dataclass(schema) + extra, key)
-    cfg["seed"] = int(cfg.get("seed", 0))
+    cfg["seed"] = check_value(cfg.get("seed", 0), int, "seed")
+    if not 0 <= cfg["seed"] < 2**32:
+        raise ConfigError(f"seed: must be an integer in [0, 2**32), got {cfg['seed']}")
+    if "name" in cfg:
+        _check_name(cfg["name"])
     cfg["model"] = _check_model(cfg["model"])
     _check_data(cfg)
+    _check_optim(cfg["optim"])
     _check_trainer(cfg["trainer"])
-    if cfg["optim"]["warmup_steps"] < 0 or len(cfg["optim"]["betas"]) != 2:
-        raise ConfigError("optim: warmup_steps must be >= 0 and betas a list of two floats")
     for method in load_methods().values():
         method.validate(cfg)
     return cfg
+
+
+def _check_name(name: Any) -> None:
+    """``name`` is the folder of the config's runs under ``trainer.out_dir``: one plain folder name."""
+    check_value(name, str, "name")
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name.startswith("~"):
+        raise ConfigError(
+            f"name: {name!r} must be a plain folder name (no '/', '\\', '..' or '~'): it names the folder of the "
+            "config's runs under trainer.out_dir"
+        )
 
 
 def _check_model(model_cfg: dict) -> dict:
@@ -159,12 +192,37 @@ def _check_data(cfg: dict) -> None:
         data["augment"] = check_fields(data["augment"], fields_of_dataclass(images.AugmentConfig), "data.augment")
     elif data["augment"]:
         raise ConfigError("data.augment: only image classification models take augmentation")
+    for key in ("batch_size", "seq_len", "val_batches"):  # seq_len / val_batches: None = the default
+        if data[key] is not None and data[key] < 1:
+            raise ConfigError(f"data.{key}: must be >= 1, got {data[key]}")
+    if data["num_workers"] < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {data['num_workers']}")
     if task == "lm" and data["seq_len"] is None:
         data["seq_len"] = cfg["model"]["max_seq_len"]
     if task == "lm" and data["seq_len"] > cfg["model"]["max_seq_len"]:
         raise ConfigError(f"data.seq_len: {data['seq_len']} exceeds model.max_seq_len={cfg['model']['max_seq_len']}")
-    if data["batch_size"] < 1:
-        raise ConfigError(f"data.batch_size: must be >= 1, got {data['batch_size']}")
+
+
+def _check_optim(optim: dict) -> None:
+    def bad(key: str, allowed: str) -> ConfigError:
+        return ConfigError(f"optim.{key}: {optim[key]!r} is not allowed; allowed values: {allowed}")
+
+    if not (math.isfinite(optim["lr"]) and optim["lr"] > 0):
+        raise bad("lr", "a finite number > 0")
+    for key in ("min_lr", "weight_decay", "grad_clip"):
+        if not (math.isfinite(optim[key]) and optim[key] >= 0):
+            raise bad(key, "a finite number >= 0")
+    if not (math.isfinite(optim["eps"]) and optim["eps"] > 0):
+        raise bad("eps", "a finite number > 0")
+    if optim["warmup_steps"] < 0:
+        raise bad("warmup_steps", "an integer >= 0")
+    if len(optim["betas"]) != 2 or not all(0 <= b < 1 for b in optim["betas"]):
+        raise bad("betas", "two numbers in [0, 1), e.g. [0.9, 0.95]")
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# Lightning's common strategies; any other name is looked up in Lightning's registry (a slower import)
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
 
 
 def _check_trainer(trainer: dict) -> None:
@@ -173,6 +231,37 @@ def _check_trainer(trainer: dict) -> None:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {trainer[key]}")
     if trainer["keep_checkpoints"] == 0 or trainer["keep_checkpoints"] < -1:
         raise ConfigError("trainer.keep_checkpoints: must be >= 1, or -1 to keep every checkpoint")
+    if trainer["accelerator"] not in ACCELERATORS:
+        raise ConfigError(
+            f"trainer.accelerator: {trainer['accelerator']!r} is not allowed; allowed values: {', '.join(ACCELERATORS)}"
+        )
+    _check_accelerator_present(trainer["accelerator"])
+    if trainer["strategy"] not in STRATEGIES:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if trainer["strategy"] not in StrategyRegistry:
+            raise ConfigError(
+                f"trainer.strategy: {trainer['strategy']!r} is not allowed; allowed values: "
+                f"{', '.join(dict.fromkeys([*STRATEGIES, *StrategyRegistry]))}"
+            )
+    devices = trainer["devices"]
+    count = int(devices) if isinstance(devices, str) and re.fullmatch(r"-?\d+", devices.strip()) else devices
+    ok = (
+        count == -1 or count >= 1 if isinstance(count, int) else count == "auto" or re.fullmatch(r"\d+(,\d+)*,?", count)
+    )
+    if not ok:
+        raise ConfigError(
+            f"trainer.devices: {devices!r} is not allowed; allowed values: a number of devices >= 1, -1 (all), "
+            "'auto', or a list of device indices such as '0,1'"
+        )
+
+
+def _check_accelerator_present(accelerator: str) -> None:
+    import torch
+
+    present = {"gpu": torch.cuda.is_available, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if accelerator in present and not present[accelerator]():
+        raise ConfigError(f"trainer.accelerator: {accelerator!r}, but this machine has no such device; use auto or cpu")
 
 
 def task_of(cfg: Mapping) -> str:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -65,7 +66,10 @@ class JSONTokenizer:
         p = Path(path).expanduser()
         if not p.is_file():
             raise ConfigError(f"data.tokenizer: {path!r} is neither 'byte' nor an existing tokenizers JSON file")
-        self.tok = Tokenizer.from_file(str(p))
+        try:
+            self.tok = Tokenizer.from_file(str(p))
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise ConfigError(f"data.tokenizer: {path!r} is not a tokenizers JSON file ({e})") from None
         self.vocab_size = self.tok.get_vocab_size()
         ids = [self.tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>", "[SEP]")]
         self.eos_id = next((i for i in ids if i is not None), None)
@@ -124,13 +128,35 @@ class ShakespeareSource:
         return datasets.load_dataset("text", data_files={split: self.files()[split]}, sample_by="document", split=split)
 
 
+def check_utf8(files: list[str]) -> None:
+    """A clear error for the first file that is not UTF-8 text, naming it and the byte offset."""
+    for f in files:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"data.source: {f} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                "set data.source.errors: replace to read it with U+FFFD for the bad bytes"
+            ) from None
+
+
 @SOURCES.register("text")
 class TextSource:
     """Local text files (paths or globs), one document per file. Without ``val_paths`` the last
-    ``val_fraction`` of the training token stream is held out."""
+    ``val_fraction`` of the training token stream is held out. ``errors``: ``strict`` (a file that is not UTF-8
+    is an error naming it and the byte offset) or ``replace`` (bad bytes read as U+FFFD)."""
 
-    def __init__(self, *, paths: list[str], val_paths: list[str] = [], val_fraction: float = 0.05):  # noqa: B006
-        self.paths, self.val_paths, self.val_fraction = paths, val_paths, val_fraction
+    def __init__(
+        self,
+        *,
+        paths: list[str],
+        val_paths: list[str] = [],  # noqa: B006
+        val_fraction: float = 0.05,
+        errors: Literal["strict", "replace"] = "strict",
+    ):
+        self.paths, self.val_paths, self.val_fraction, self.errors = paths, val_paths, val_fraction, errors
 
     @staticmethod
     def _expand(patterns: list[str], key: str) -> list[str]:
@@ -154,7 +180,11 @@ class TextSource:
         files = self.files()[split]
         if not files:
             return None
-        return datasets.load_dataset("text", data_files={split: files}, sample_by="document", split=split)
+        if self.errors == "strict":
+            check_utf8(files)
+        return datasets.load_dataset(
+            "text", data_files={split: files}, sample_by="document", split=split, encoding_errors=self.errors
+        )
 
 
 @SOURCES.register("hf")
@@ -263,11 +293,35 @@ def load_tokens(data_cfg: dict, tokenizer) -> dict[str, dict]:
     ).hexdigest()[:20]
     cache = Path(os.path.expanduser(data_cfg["cache_dir"])) / "tokens" / f"{spec['type']}-{key}.npz"
     if cache.is_file():
-        with np.load(cache) as z:
-            return {
-                s: {"tokens": z[f"{s}_tokens"], "bytes_per_token": float(z[f"{s}_bpt"])}
-                for s in ("train", "validation")
-            }
+        try:
+            return read_token_cache(cache)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"token cache {cache} is unreadable ({type(e).__name__}: {e}); rebuilding it")
+    splits = tokenize(source, tokenizer, spec)
+    arrays = {f"{s}_tokens": d["tokens"] for s, d in splits.items()} | {
+        f"{s}_bpt": d["bytes_per_token"] for s, d in splits.items()
+    }
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(cache, save)
+    return splits
+
+
+def read_token_cache(cache: Path) -> dict[str, dict]:
+    """The splits stored in a token cache file (every array read now, so a truncated file fails here)."""
+    with np.load(cache) as z:
+        return {
+            s: {"tokens": np.asarray(z[f"{s}_tokens"]), "bytes_per_token": float(z[f"{s}_bpt"])}
+            for s in ("train", "validation")
+        }
+
+
+def tokenize(source, tokenizer, spec: dict) -> dict[str, dict]:
+    """{split: {"tokens", "bytes_per_token"}} of a source, read and tokenized (the tail of the training stream
+    held out when the source has no validation split)."""
     max_tokens = getattr(source, "max_tokens", None)
     out = {}
     for split in ("train", "validation"):
@@ -286,10 +340,6 @@ def load_tokens(data_cfg: dict, tokenizer) -> dict[str, dict]:
         if int(d["tokens"].max()) >= tokenizer.vocab_size:
             raise ConfigError(f"data.tokenizer: token ids exceed the tokenizer's vocab of {tokenizer.vocab_size}")
         d["bytes_per_token"] = d.pop("n_bytes") / len(d["tokens"])
-    arrays = {f"{s}_tokens": d["tokens"] for s, d in out.items()} | {
-        f"{s}_bpt": d["bytes_per_token"] for s, d in out.items()
-    }
-    atomic_write(cache, lambda p: np.savez(open(p, "wb"), **arrays))
     return out
 
 

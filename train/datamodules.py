@@ -32,6 +32,10 @@ class LMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = load_tokens(self.data_cfg, self.tokenizer)
+            # a seq_len longer than either split fails here, before a run starts, not at its first batch
+            T = self.data_cfg["seq_len"]
+            TrainWindows(self.splits["train"]["tokens"], T, 1, self.cfg["seed"], 0, 0)
+            ValWindows(self.splits["validation"]["tokens"], T)
 
     @property
     def bytes_per_token(self) -> float:

@@ -42,10 +42,12 @@ def evaluate_model(model, data, progress: bool = True) -> dict:
 
 
 def evaluate(target: str, overrides=()) -> dict:
+    """Evaluate on the whole held-out split; a non-finite loss (diverged weights) raises ``NonFiniteLossError``."""
     from .checkpoint import load_trained
     from .datamodules import LMDataModule
+    from .errors import NonFiniteLossError
 
-    cfg, model = load_trained(target, overrides)
+    cfg, model = load_trained(target, overrides, report=True)
     data = LMDataModule(cfg, full_validation=True)
     data.setup()
     print(
@@ -53,6 +55,8 @@ def evaluate(target: str, overrides=()) -> dict:
     )
     r = evaluate_model(model, data)
     print(f"val loss {r['loss']:.4f} nats/token | {r['bpb']:.4f} bits/byte | ppl {r['ppl']:.3f} | {r['tokens']} tokens")
+    if not math.isfinite(r["loss"]):
+        raise NonFiniteLossError(f"{target}: the held-out loss is {r['loss']}: these weights are diverged")
     return r
 
 

@@ -2,14 +2,21 @@
 
     python -m train fit configs/lm/gpt-tiny.yaml [dotted.key=value ...] [--resume CKPT | --init-from PATH]
 
-Everything is validated before anything is written. The run directory ``<trainer.out_dir>/<name>/<timestamp>``
-receives config.yaml, checkpoints/, model/ (the exported weights), tb/ and csv/.
+Everything is validated before anything is written: the config, the model's memory estimate against the
+memory available, the data. The run directory ``<trainer.out_dir>/<name>/<timestamp>`` (created exclusively: two
+runs never share one) receives config.yaml, checkpoints/, model/ (the exported weights), tb/ and csv/.
+
+``--resume`` continues a run in its own directory (checkpoints after the one resumed from are set aside in
+``checkpoints/abandoned-<time>/``; the CSV metrics of the new segment go to ``csv/<segment>/``); a checkpoint
+that is not in a run's ``checkpoints/`` folder continues into a new run directory. SIGTERM or SIGINT during
+training writes a checkpoint and exits with 143 or 130, printing the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -18,8 +25,8 @@ from arch.registry import ConfigError
 
 from .cli import add_target
 from .config import load_config, task_of
-from .errors import CheckpointError
-from .runs import RUN_DIR_ENV, make_run_dir
+from .errors import CheckpointError, Interrupted
+from .runs import RUN_DIR_ENV, check_memory, make_run_dir
 
 # Lightning, the data and the LightningModule are imported where a run starts, so that `fit --help` and a config
 # error answer at once.
@@ -57,13 +64,17 @@ def init_source(cfg: dict, source: str) -> tuple[dict, torch.nn.Module, bool]:
 
 def resume_checkpoint(cfg: dict, config_path: str, resume: str) -> Path:
     """The checkpoint ``--resume`` names (a file, or a run dir's newest), checked against the config's model."""
-    from .checkpoint import latest_checkpoint, read_checkpoint
+    from .checkpoint import latest_checkpoint, saved_config
 
     ckpt_path = latest_checkpoint(resume) if Path(resume).is_dir() else Path(resume)
-    saved = read_checkpoint(ckpt_path)["hyper_parameters"]["config"]
-    if saved["model"] != cfg["model"]:
+    if saved_config(ckpt_path)["model"] != cfg["model"]:
         raise CheckpointError(f"{ckpt_path}: its model config differs from {config_path}'s; cannot resume")
     return ckpt_path
+
+
+def in_run_dir(ckpt_path: Path) -> bool:
+    """Whether a checkpoint sits in a run directory's ``checkpoints/`` folder (a resume continues that run)."""
+    return ckpt_path.parent.name == "checkpoints" and (ckpt_path.parent.parent / "config.yaml").is_file()
 
 
 def build_task(cfg: dict):
@@ -107,41 +118,86 @@ def _fit(config_path: str, overrides, resume: str | None, init_from: str | None)
     init_model, replaced = None, False
     if init_from:
         cfg, init_model, replaced = init_source(cfg, init_from)
+    check_memory(cfg)  # before the model is allocated
     ckpt_path = resume_checkpoint(cfg, config_path, resume) if resume else None
-    run_dir = make_run_dir(cfg) if ckpt_path is None else ckpt_path.parent.parent
-    os.environ[RUN_DIR_ENV] = str(run_dir)
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
-    from omegaconf import OmegaConf
 
-    from arch.io import atomic_write, save_pretrained
-
-    from .data import bits_per_byte
     from .trainer import build_trainer
 
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    data, module, what = build_task(cfg)
+    data, module, what = build_task(cfg)  # the data checked (tokenizer, text, lengths) before anything is written
     if init_model is not None:
         module.model.load_state_dict(init_model.state_dict())
+    run_dir, segment, set_aside = start_run(cfg, ckpt_path, rank_zero_only.rank == 0)
     if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(OmegaConf.create(cfg), p))
-        n_params = sum(p.numel() for p in module.model.parameters())
-        print(f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {what}")
-        print(f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)")
-        if ckpt_path:
-            print(f"  resuming from {ckpt_path}")
+        print(start_lines(cfg, module.model, what, run_dir, ckpt_path, set_aside))
         if init_from:
             print(f"  weights initialised from {init_from} (fresh optimizer and schedule)")
         if replaced:
             print(f"  model section taken from {init_from}: its weights do not fit {config_path}'s model")
-    trainer = build_trainer(cfg, run_dir, [cb for h in module.hooks for cb in h.callbacks()])
+    trainer = build_trainer(cfg, run_dir, [cb for h in module.hooks for cb in h.callbacks()], segment=segment)
+    try:
+        return train_and_export(cfg, trainer, module, data, ckpt_path, run_dir)
+    except Interrupted as e:
+        resume_cmd = shlex.join(
+            ["python", "-m", "train", "fit", str(config_path), *overrides, "--resume", str(run_dir)]
+        )
+        raise Interrupted(e.signum, f"{e}; resume with: {resume_cmd}") from None
+    except OSError as e:  # name the run when the OS did not name the file (e.g. a full disk under a logger)
+        raise OSError(e.errno, e.strerror or str(e), e.filename or str(run_dir)) from None
+
+
+def start_run(cfg: dict, ckpt_path: Path | None, rank_zero: bool) -> tuple[Path, str, Path | None]:
+    """(run directory, CSV log segment, folder of the checkpoints set aside) of a run: a resume from a run's
+    own checkpoint continues in that run (its later checkpoints set aside, a new CSV segment), anything else gets
+    a new run directory. Writes the resolved config."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from arch.io import atomic_write
+
+    from .checkpoint import set_aside_later, step_of
+
+    segment, moved = "", None
+    if ckpt_path is not None and in_run_dir(ckpt_path):
+        run_dir = ckpt_path.parent.parent
+        segment = f"from-step-{max(step_of(ckpt_path), 0):06d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        moved = set_aside_later(ckpt_path) if rank_zero and RUN_DIR_ENV not in os.environ else None
+    else:
+        run_dir = make_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    if rank_zero:
+        atomic_write(run_dir / "config.yaml", lambda p: OmegaConf.save(OmegaConf.create(cfg), p))
+    return run_dir, segment, moved
+
+
+def start_lines(cfg: dict, model, what: str, run_dir: Path, ckpt_path: Path | None, set_aside: Path | None) -> str:
+    """What ``fit`` prints as a run starts: the model and data, the run directory, and on a resume the checkpoint
+    it continues from and where the abandoned later checkpoints went."""
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [f"fit {cfg['name']}: {n_params / 1e6:.2f}M parameters, {what}"]
+    lines.append(f"  run dir: {run_dir}  (config.yaml, checkpoints/, model/, tb/, csv/)")
+    if ckpt_path:
+        lines.append(f"  resuming from {ckpt_path}")
+    if set_aside:
+        lines.append(f"  the run's later checkpoints (and export) moved to {set_aside}: resuming abandons them")
+    return "\n".join(lines)
+
+
+def train_and_export(cfg: dict, trainer, module, data, ckpt_path: Path | None, run_dir: Path) -> dict:
+    """Train, validate on the held-out split, export the model and report."""
+    from arch.io import save_pretrained
+
+    from .data import bits_per_byte
+
     trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
     val = trainer.validate(module, data, verbose=False, weights_only=True)[0]
     result = {"run_dir": run_dir, "val_loss": float(val["val/loss"])}
     if trainer.is_global_zero:
         save_pretrained(module.model, run_dir / "model")
-    if classify:
+    if task_of(cfg) == "classification":
         result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
     else:
         result["val_bpb"] = bits_per_byte(result["val_loss"], data.bytes_per_token)

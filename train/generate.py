@@ -9,6 +9,7 @@ decoding re-runs the window for every new token.
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from torch import nn
@@ -44,8 +45,8 @@ def generate(
     ``incremental``: decode token by token with the model's cache (``CausalLM.step``: keys, values and sparse
     mixers' state) while the sequence fits the context, else (or for mixers without ``step``) re-run the model on
     the last ``max_seq_len`` tokens for every new token."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -94,11 +95,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    from arch.registry import ConfigError
+
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ConfigError(f"--temperature: {args.temperature} is not allowed; allowed values: a finite number > 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k: {args.top_k} is not allowed; allowed values: an integer >= 1 (or omit it)")
+    if args.tokens < 0:
+        raise ConfigError(f"--tokens: {args.tokens} is not allowed; allowed values: an integer >= 0")
+
+
 def run(args: argparse.Namespace) -> None:
     from .checkpoint import load_trained
     from .data import build_tokenizer
 
-    cfg, model = load_trained(args.target, args.overrides)
+    check_arguments(args)  # before the model is loaded
+    cfg, model = load_trained(args.target, args.overrides, report=True)
     print(
         f"sampling {args.tokens} tokens from {args.target} (temperature {args.temperature}, top-k {args.top_k}, "
         f"seed {args.seed})"

@@ -69,11 +69,22 @@ def classifier_info(cfg: dict) -> dict:
     return {"params": params, "forward_flops": flops, "paper": paper}
 
 
+def memory_report(cfg: dict) -> bool:
+    """Print the memory estimate of training the config here (``train.runs.estimate_memory``), with a warning
+    when it exceeds the memory available (``fit`` refuses such a config); returns whether it fits."""
+    from .runs import memory_line
+
+    line, fits = memory_line(cfg, training=True)
+    print(f"memory: {line}" if fits else f"warning: too large to train here: {line}")
+    return fits
+
+
 def info(config_path: str, overrides=()) -> dict:
     cfg = load_config(config_path, overrides)
     print(f"# resolved config of {config_path}\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
     if task_of(cfg) == "classification":
-        return classifier_info(cfg)
+        out = classifier_info(cfg)
+        return {**out, "fits_in_memory": memory_report(cfg)}
     with torch.device("meta"):
         model = build_model(cfg["model"])
     rows = model.layer_table() if hasattr(model, "layer_table") else []
@@ -91,7 +102,7 @@ def info(config_path: str, overrides=()) -> dict:
     for method in load_methods().values():
         for line in method.describe(model):
             print(f"  {line}")
-    return {"params": params, "forward_flops_per_token": flops}
+    return {"params": params, "forward_flops_per_token": flops, "fits_in_memory": memory_report(cfg)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -90,7 +90,7 @@ class LMModule(L.LightningModule):
         micro = batch_idx % self.cfg["trainer"]["accumulate_grad_batches"]
         for h in self.hooks:
             h.before_batch(self.global_step, micro, self.rank)
-        loss = lm_loss(self, batch)
+        loss = self.loss(batch)
         aux = {name: t for h in self.hooks for name, t in h.aux_losses().items()}
         if self.track(loss, batch[:, 1:].numel(), "train/tokens_per_s"):
             self.log("train/bpb", loss.detach() / math.log(2) / self.bytes_per_token)
@@ -108,8 +108,7 @@ class LMModule(L.LightningModule):
     def track(self, loss: torch.Tensor, n_items: int, rate_name: str) -> bool:
         """Per-step bookkeeping shared by every task: the on-device non-finite flag, train/loss, and, on log steps
         (the return value), the NaN check and the throughput ``rate_name`` (items per second, all processes)."""
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
+        self.record_finite(loss)
         self._items += n_items
         self.log("train/loss", loss, prog_bar=True)
         if (self.global_step + 1) % self.cfg["trainer"]["log_every"]:
@@ -122,12 +121,24 @@ class LMModule(L.LightningModule):
         self._t_last, self._items = now, 0
         return True
 
-    def check_finite(self) -> None:
+    def loss(self, batch) -> torch.Tensor:
+        """The training loss of a batch (without methods' auxiliary losses)."""
+        return lm_loss(self, batch)
+
+    def record_finite(self, loss: torch.Tensor) -> None:
+        """Note (on device, no host sync) the step of the first non-finite loss."""
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step))
+
+    def check_finite(self, dropped: int | None = None) -> None:
+        """Raise ``NonFiniteLossError`` if a loss so far was not finite; ``dropped``: the step of a checkpoint
+        deleted because that loss was computed with its weights."""
         step = int(self.first_bad_step)
         if step >= 0:
+            deleted = f" The checkpoint of step {dropped}, whose weights gave it, was deleted." if dropped else ""
             raise NonFiniteLossError(
-                f"training loss became NaN/inf at step {step}; stopped. Checkpoints written before it are intact "
-                "(lower optim.lr, raise optim.warmup_steps, or use trainer.precision=32)"
+                f"training loss became NaN/inf at step {step}; stopped.{deleted} Checkpoints written before it are "
+                "intact (lower optim.lr, raise optim.warmup_steps, or use trainer.precision=32)"
             )
 
     def on_validation_epoch_start(self) -> None:
@@ -135,7 +146,7 @@ class LMModule(L.LightningModule):
             h.before_validation(self.global_step, self.rank)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        loss = lm_loss(self, batch)
+        loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
         self.log("val/bpb", loss / math.log(2) / self.bytes_per_token, sync_dist=True, batch_size=batch.shape[0])
 
@@ -166,10 +177,17 @@ class ClassifierModule(LMModule):
     Logged: train/loss, train/acc1, train/images_per_s, train/grad_norm, lr, val/loss, val/acc1, val/acc5.
     Optimizer, schedule, clipping and the NaN stop are the LM module's."""
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def loss(self, batch) -> torch.Tensor:
+        return self._logits_and_loss(batch)[1]
+
+    def _logits_and_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch  # [B, C, H, W], [B]
         logits = self(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        return logits, F.cross_entropy(logits.float(), labels)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        logits, loss = self._logits_and_loss(batch)
+        labels = batch[1]
         if self.track(loss, labels.numel(), "train/images_per_s"):
             self.log("train/acc1", topk_accuracy(logits.detach(), labels, 1))
         return loss

@@ -64,15 +64,14 @@ def test_same_seed_same_curve_and_resume_gives_same_curve(run8, tmp_path, cache_
     )
     assert train_losses(again["run_dir"]) == ref
     # N steps, then resume for N more: identical to the uninterrupted 2N-step run
-    resumed_dir = tmp_path / "resumed" / "checkpoints"
-    resumed_dir.mkdir(parents=True)
-    shutil.copy(run8["run_dir"] / "checkpoints" / "step-000004.ckpt", resumed_dir)
-    fit(
+    loose = tmp_path / "step-000004.ckpt"  # outside a run directory: the resumed run gets a new one
+    shutil.copy(run8["run_dir"] / "checkpoints" / "step-000004.ckpt", loose)
+    out = fit(
         TINY,
         micro_overrides(tmp_path, cache_dir, **{"trainer.max_steps": 8, "trainer.ckpt_every": 4}),
-        resume=str(resumed_dir / "step-000004.ckpt"),
+        resume=str(loose),
     )
-    resumed = train_losses(tmp_path / "resumed")
+    resumed = train_losses(out["run_dir"])
     assert sorted(resumed) == [4, 5, 6, 7]
     assert resumed == {s: ref[s] for s in range(4, 8)}
 

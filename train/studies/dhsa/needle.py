@@ -72,6 +72,7 @@ NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is "
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+LEARNED_ONLY = ("predictor", "predictor_residual", "shared_predictor")  # fixed chunks reject them
 SNAP_TOKENS = 32  # the needle moves at most this far to reach a whitespace boundary
 SCORING = (
     "teacher-forced: one forward pass of prompt + answer per trial; correct iff the argmax at every "
@@ -83,13 +84,13 @@ SCORING = (
 def variant_table(budget: int, mixer: Sequence[str] = ()) -> dict[str, list[str]]:
     """{variant name: config overrides}: ``dense``, ``dhsa`` at ``budget``, ``fixed`` blocks at ``budget``.
     ``mixer``: extra ``key=value`` options of both sparse variants (``model.mixer.key=value``), except that the
-    learned chunker's ``predictor`` goes to ``dhsa`` only."""
+    learned chunker's own options (``LEARNED_ONLY``: its predictor file and how it is used) go to ``dhsa`` only."""
     extra, learned = [], []
     for item in mixer:
         key, sep, _ = item.partition("=")
         if not sep or not key or "." in key:
             raise ConfigError(f"--mixer {item!r}: expected key=value of the sparse mixer, e.g. --mixer chunker=learned")
-        (learned if key.strip() == "predictor" else extra).append(f"model.mixer.{item}")
+        (learned if key.strip() in LEARNED_ONLY else extra).append(f"model.mixer.{item}")
     sparse = ["model.mixer.type=dhsa", f"model.mixer.budget={budget}", *extra]
     return {"dense": [], "dhsa": [*sparse, *learned], "fixed": [*sparse, "model.mixer.chunker=fixed"]}
 

@@ -130,16 +130,23 @@ def test_ppl_windows_score_the_same_text_at_every_length():
 
 
 def test_variant_table():
-    t = variant_table(64, ["chunker=learned", "predictor=p.pt"])
+    t = variant_table(64, ["chunker=learned", "predictor=p.pt", "mode=prefill", "shared_predictor=true"])
     assert t["dense"] == []
     assert t["dhsa"] == [
         "model.mixer.type=dhsa",
         "model.mixer.budget=64",
         "model.mixer.chunker=learned",
+        "model.mixer.mode=prefill",
         "model.mixer.predictor=p.pt",
+        "model.mixer.shared_predictor=true",
     ]
-    # the variant's own chunker wins; the learned chunker's predictor file is not an option of fixed chunks
-    assert t["fixed"] == t["dhsa"][:-1] + ["model.mixer.chunker=fixed"]
+    # the variant's own chunker wins; the learned chunker's own options (which fixed chunks reject) are not given
+    assert t["fixed"] == t["dhsa"][:-2] + ["model.mixer.chunker=fixed"]
+    t = variant_table(64, ["predictor_residual=false", "n_init=16"])
+    assert t["fixed"] == ["model.mixer.type=dhsa", "model.mixer.budget=64", "model.mixer.n_init=16"] + [
+        "model.mixer.chunker=fixed"
+    ]
+    assert t["dhsa"] == t["fixed"][:-1] + ["model.mixer.predictor_residual=false"]
     with pytest.raises(ConfigError, match="--mixer 'chunker': expected key=value"):
         variant_table(64, ["chunker"])
 

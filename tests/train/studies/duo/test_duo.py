@@ -53,11 +53,10 @@ def test_random_routing_same_seed_same_curve_and_resume_gives_same_curve(stage1,
     fractions = [float(r["duo/layer1/big"]) for r in rows if r.get("duo/layer1/big")]
     assert fractions and all(0.3 < f < 0.7 for f in fractions)  # p_big = 0.5, logged per layer
     assert losses_of(fit(DUO, duo_micro(tmp_path / "again", cache_dir))["run_dir"]) == ref
-    resumed = tmp_path / "resumed" / "checkpoints"
-    resumed.mkdir(parents=True)
-    shutil.copy(stage1 / "checkpoints" / "step-000003.ckpt", resumed)
-    fit(DUO, duo_micro(tmp_path, cache_dir), resume=str(resumed / "step-000003.ckpt"))
-    assert losses_of(tmp_path / "resumed") == {s: ref[s] for s in range(3, 6)}
+    loose = tmp_path / "step-000003.ckpt"  # outside a run directory: the resumed run gets a new one
+    shutil.copy(stage1 / "checkpoints" / "step-000003.ckpt", loose)
+    resumed = fit(DUO, duo_micro(tmp_path, cache_dir), resume=str(loose))["run_dir"]
+    assert losses_of(resumed) == {s: ref[s] for s in range(3, 6)}
 
 
 @pytest.fixture(scope="module")
