@@ -29,7 +29,7 @@ from torch import nn
 from kernels.block_sparse import block_sparse_attention
 from kernels.block_sparse.api import Impl
 
-from .attention import CausalSelfAttention
+from .attention import CausalSelfAttention, attend_keys
 from .config import LayerContext
 from .registry import MIXERS, ConfigError
 
@@ -239,4 +239,22 @@ class CausalBRA(CausalSelfAttention):
         )
 
     def attend_step(self, q: torch.Tensor, cache: dict) -> torch.Tensor:
-        raise NotImplementedError("mixer 'bra' has no incremental decoding yet; run the whole sequence instead")
+        """Decoding of position t (the newest cached key): q_t [B, 1, H, hd] routes as in ``causal_routing`` to the
+        ``topk`` complete past regions of highest q_t · k̄_r, and attends to them, to its own region up to t and,
+        with ``attend_first``, to region 0: exactly the keys ``forward``'s token mask gives row t."""
+        k, v = cache["k"], cache["v"]  # [B, t+1, Hkv, hd]
+        B, S, Hkv, hd = k.shape
+        H, R = q.shape[2], self.region_size
+        own = (S - 1) // R  # region of t; regions 0 .. own-1 are complete
+        region = torch.arange(S, device=q.device) // R  # [S]
+        visible = (region == own) | ((region == 0) if self.attend_first else False)  # [S]
+        visible = visible.expand(B, S)
+        k_sel = own if is_all(self.topk) else min(self.topk, own)
+        if k_sel > 0:
+            k_past = k[:, : own * R].detach().repeat_interleave(H // Hkv, dim=2)  # [B, own·R, H, hd]
+            k_bar = k_past.reshape(B, own, R, H * hd).mean(2)  # [B, own, H·hd]
+            score = (q.detach().reshape(B, 1, H * hd) @ k_bar.transpose(1, 2))[:, 0]  # [B, own]
+            chosen = torch.zeros(B, own, dtype=torch.bool, device=q.device)
+            chosen.scatter_(1, score.topk(k_sel, dim=-1).indices, True)  # [B, own] routed regions
+            visible = visible | F.pad(chosen.repeat_interleave(R, dim=1), (0, S - own * R))
+        return attend_keys(q, k, v, visible)

@@ -59,8 +59,9 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 1000
     accelerator: str = "auto"
-    devices: Union[int, str] = 1
-    strategy: str = "auto"  # e.g. ddp (gloo on CPU, NCCL on GPU), fsdp
+    devices: Union[int, str] = 1  # processes per machine
+    num_nodes: int = 1  # machines (a multi-node run is launched by SLURM or torchrun; README "Scaling out")
+    strategy: str = "auto"  # e.g. ddp (gloo on CPU, NCCL on GPU), fsdp (train.distributed)
     precision: Literal["32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32"
     compile: bool = False
     accumulate_grad_batches: int = 1
@@ -151,6 +152,8 @@ def validate(cfg: Mapping) -> dict:
     _check_data(cfg)
     _check_optim(cfg["optim"])
     _check_trainer(cfg["trainer"])
+    if cfg["trainer"]["strategy"] == "fsdp" and task_of(cfg) != "lm":
+        raise ConfigError("trainer.strategy: 'fsdp' is implemented for language models; use ddp for classifiers")
     for method in load_methods().values():
         method.validate(cfg)
     return cfg
@@ -226,7 +229,7 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "d
 
 
 def _check_trainer(trainer: dict) -> None:
-    for key in ("max_steps", "log_every", "val_every", "ckpt_every", "accumulate_grad_batches"):
+    for key in ("max_steps", "log_every", "val_every", "ckpt_every", "accumulate_grad_batches", "num_nodes"):
         if trainer[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {trainer[key]}")
     if trainer["keep_checkpoints"] == 0 or trainer["keep_checkpoints"] < -1:

@@ -10,8 +10,9 @@ Sources (``data.source``), all read through Hugging Face ``datasets``:
 
 Documents are tokenized, joined with the tokenizer's end-of-document id, and cached as one token array per
 split under ``data.cache_dir`` (keyed by the source spec, the tokenizer and the files' sizes and times).
-Training batches are random windows drawn from a generator seeded by ``(seed, rank, step)``: a batch depends only
-on its step number, so a resumed run sees exactly the batches an uninterrupted run would.
+Training batches are random windows drawn from a generator seeded by ``(seed, step)``: a batch depends only on its
+step number, so a resumed run sees exactly the batches an uninterrupted run would; with several processes each
+takes its slice of the global batch (``TrainWindows``).
 """
 
 from __future__ import annotations
@@ -344,23 +345,36 @@ def tokenize(source, tokenizer, spec: dict) -> dict[str, dict]:
 
 
 class TrainWindows(Dataset):
-    """Item i is the whole micro-batch number ``start + i``: ``batch_size`` windows of ``seq_len + 1`` tokens at
-    offsets drawn from a generator seeded by ``(seed, rank, start + i)``."""
+    """Item i is the micro-batch number ``start + i`` of process ``rank`` of ``world``: ``batch_size`` windows of
+    ``seq_len + 1`` tokens. The offsets of the global batch (``world · batch_size`` windows) are drawn from a
+    generator seeded by ``(seed, 0, start + i)`` and each process takes its own slice, so a run on several
+    processes sees the batches of one process with ``world`` times the batch size, and one process sees what it
+    always did."""
 
     def __init__(
-        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        start: int,
+        stop: int,
+        rank: int = 0,
+        world: int = 1,
     ):
         if len(tokens) <= seq_len + 1:
             raise ConfigError(f"data.seq_len: {seq_len} is longer than the training split ({len(tokens)} tokens)")
+        if not 0 <= rank < world:
+            raise ValueError(f"TrainWindows: rank {rank} is not one of the {world} processes")
         self.tokens, self.T, self.B = tokens, seq_len, batch_size
-        self.seed, self.start, self.stop, self.rank = seed, start, stop, rank
+        self.seed, self.start, self.stop, self.rank, self.world = seed, start, stop, rank, world
 
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, self.rank, self.start + i])
-        offs = rng.integers(0, len(self.tokens) - self.T - 1, size=self.B)
+        rng = np.random.default_rng([self.seed, 0, self.start + i])
+        offs = rng.integers(0, len(self.tokens) - self.T - 1, size=self.B * self.world)[self.rank * self.B :][: self.B]
         return torch.from_numpy(np.stack([self.tokens[o : o + self.T + 1] for o in offs]).astype(np.int64))  # [B, T+1]
 
 

@@ -47,7 +47,7 @@ class LMDataModule(L.LightningDataModule):
         accum = tr["accumulate_grad_batches"]
         trainer = self.trainer
         done = trainer.global_step * accum if trainer is not None else 0  # micro-batches already trained (resume)
-        rank = trainer.global_rank if trainer is not None else 0
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         ds = TrainWindows(
             self.splits["train"]["tokens"],
             self.data_cfg["seq_len"],
@@ -56,6 +56,7 @@ class LMDataModule(L.LightningDataModule):
             done,
             tr["max_steps"] * accum,
             rank,
+            world,
         )
         return DataLoader(ds, batch_size=None, shuffle=False)
 

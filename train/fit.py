@@ -191,18 +191,19 @@ def train_and_export(cfg: dict, trainer, module, data, ckpt_path: Path | None, r
     from arch.io import save_pretrained
 
     from .data import bits_per_byte
+    from .distributed import final_validation
 
     trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
-    val = trainer.validate(module, data, verbose=False, weights_only=True)[0]
+    val, model = final_validation(trainer, module, data)  # every process (FSDP gathers the shards)
     result = {"run_dir": run_dir, "val_loss": float(val["val/loss"])}
     if trainer.is_global_zero:
-        save_pretrained(module.model, run_dir / "model")
+        save_pretrained(model, run_dir / "model")
     if task_of(cfg) == "classification":
         result.update(val_acc1=float(val["val/acc1"]), val_acc5=float(val["val/acc5"]))
     else:
         result["val_bpb"] = bits_per_byte(result["val_loss"], data.bytes_per_token)
     if trainer.is_global_zero:
-        report(cfg, result, data, module.model, run_dir)
+        report(cfg, result, data, model, run_dir)
     return result
 
 

@@ -1,15 +1,24 @@
 """Resolved config, per-layer block table, parameter count and FLOPs per token of a config.
 
-python -m train info configs/lm/gpt-tiny.yaml [dotted.key=value ...]
+python -m train info configs/lm/gpt-tiny.yaml [dotted.key=value ...] [--measure N]
+
+Two FLOP counts, both from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; 2 FLOPs per
+multiply-add): the config's upper bound (``forward_flops_per_token``: shapes only, on the meta device, so data-
+dependent blocks count their largest case) and, with ``--measure N``, the FLOPs a forward pass actually executes
+on N held-out windows (``measured_flops_per_token``: routed FFNs count the routes taken, sparse mixers the blocks
+they attend, Pattention its token count), at initialisation here; ``python -m train compare`` measures trained
+models too.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from arch import build_model
 
@@ -18,15 +27,66 @@ from .config import load_config, task_of
 from .methods import load_methods
 
 
+def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode has formulas for the CUDA attention kernels only; on CPU, SDPA runs these two ops, which it
+# would otherwise count as 0. Like the CUDA formulas, they count the whole q·kᵀ and p·v products (a causal or
+# masked call is counted in full).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """The repo's one FLOP counter: ``FlopCounterMode`` with the CPU attention formulas."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+
+
 def forward_flops_per_token(model_cfg: dict, seq_len: int | None = None) -> float:
-    """Forward FLOPs per token of a length-``seq_len`` sequence, counted by ``FlopCounterMode`` on the meta
-    device (no memory, no compute). Matmuls only; attention is counted as the full T×T product."""
+    """Forward FLOPs per token of a length-``seq_len`` sequence, counted on the meta device (no memory, no
+    compute): the config's upper bound. Matmuls only; attention is counted as the full T×T product, a routed FFN
+    as if every token went to its biggest module, a sparse mixer at its largest selection."""
     T = seq_len or model_cfg["max_seq_len"]
     with torch.device("meta"):
         model = build_model(model_cfg)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(torch.zeros(1, T, dtype=torch.long))
     return counter.get_total_flops() / T
+
+
+def measured_flops_per_token(model: torch.nn.Module, batches: Iterable[torch.Tensor], train: bool = False) -> float:
+    """FLOPs per token that ``model`` actually executes on ``batches`` (LongTensors [b, T + 1], real data on a
+    real device): what routed FFNs compute for the routes their tokens take, what sparse mixers compute for the
+    blocks they select, what Pattention computes for its token count.
+
+    ``train=False``: forward passes in eval mode without gradient (inference). ``train=True``: forward and
+    backward of the next-token loss in training mode (what a training step executes, e.g. a soft mixture of
+    experts while a router trains); the gradients are discarded. The model's mode is restored."""
+    was_training = model.training
+    model.train(train)
+    tokens = 0
+    try:
+        with flop_counter() as counter:
+            for batch in batches:
+                x = batch[:, :-1]  # [b, T]
+                with torch.set_grad_enabled(train):
+                    logits = model(x)  # [b, T, V]
+                    if train:
+                        F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
+                tokens += x.numel()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("measured_flops_per_token: no batch to measure on")
+    return counter.get_total_flops() / tokens
 
 
 def count_params(model: torch.nn.Module) -> dict:
@@ -45,7 +105,7 @@ def image_forward_flops(model_cfg: dict, size: int) -> float:
     """Forward FLOPs (2 per multiply-add) of one ``size``×``size`` image, counted on the meta device."""
     with torch.device("meta"):
         model = build_model(model_cfg)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(torch.zeros(1, model_cfg["in_chans"], size, size))
     return counter.get_total_flops()
 
@@ -69,6 +129,32 @@ def classifier_info(cfg: dict) -> dict:
     return {"params": params, "forward_flops": flops, "paper": paper}
 
 
+def heldout_batches(cfg: dict, n_windows: int) -> list[torch.Tensor]:
+    """``n_windows`` held-out windows of ``data.seq_len + 1`` tokens spread evenly over the validation split, in
+    batches of at most ``data.batch_size`` (LongTensors [b, T + 1])."""
+    from .data import ValWindows, build_tokenizer, load_tokens
+
+    d = cfg["data"]
+    tokens = load_tokens(d, build_tokenizer(d["tokenizer"]))["validation"]["tokens"]
+    windows = ValWindows(tokens, d["seq_len"], n_windows)
+    rows = torch.stack([windows[i] for i in range(len(windows))])  # [n, T + 1]
+    return list(rows.split(d["batch_size"]))
+
+
+def print_measured(cfg: dict, upper: float, n_windows: int) -> dict:
+    """Measure the config's model at initialisation (seeded by ``seed``) on held-out windows; print and return
+    {"forward", "train"} FLOPs per token."""
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"])
+    batches = heldout_batches(cfg, n_windows)
+    out = {"forward": measured_flops_per_token(model, batches), "train": measured_flops_per_token(model, batches, True)}
+    print(
+        f"measured on {n_windows} held-out windows (initial weights): forward {out['forward'] / 1e6:.2f} MFLOP/token "
+        f"({out['forward'] / upper:.1%} of the upper bound), training step (fwd+bwd) {out['train'] / 1e6:.2f} MFLOP"
+    )
+    return out
+
+
 def memory_report(cfg: dict) -> bool:
     """Print the memory estimate of training the config here (``train.runs.estimate_memory``), with a warning
     when it exceeds the memory available (``fit`` refuses such a config); returns whether it fits."""
@@ -79,7 +165,7 @@ def memory_report(cfg: dict) -> bool:
     return fits
 
 
-def info(config_path: str, overrides=()) -> dict:
+def info(config_path: str, overrides=(), measure: int = 0) -> dict:
     cfg = load_config(config_path, overrides)
     print(f"# resolved config of {config_path}\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
     if task_of(cfg) == "classification":
@@ -96,18 +182,28 @@ def info(config_path: str, overrides=()) -> dict:
     flops = forward_flops_per_token(cfg["model"], cfg["data"]["seq_len"])
     print(f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M), non-embedding {params['non_embedding']:,}")
     print(
-        f"FLOPs per token at T={cfg['data']['seq_len']}: forward {flops / 1e6:.2f} MFLOP, "
+        f"FLOPs per token at T={cfg['data']['seq_len']} (config upper bound): forward {flops / 1e6:.2f} MFLOP, "
         f"training (fwd+bwd = 3x fwd) {3 * flops / 1e6:.2f} MFLOP"
     )
     for method in load_methods().values():
         for line in method.describe(model):
             print(f"  {line}")
-    return {"params": params, "forward_flops_per_token": flops, "fits_in_memory": memory_report(cfg)}
+    out = {"params": params, "forward_flops_per_token": flops, "fits_in_memory": memory_report(cfg)}
+    if measure:
+        out["measured_flops_per_token"] = print_measured(cfg, flops, measure)
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_target(p, "config YAML")
+    p.add_argument(
+        "--measure",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure the FLOPs executed on N held-out windows (initial weights; language models)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    info(args.target, args.overrides)
+    info(args.target, args.overrides, args.measure)

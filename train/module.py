@@ -12,19 +12,22 @@ from torch import nn
 
 from arch import build_model
 
+from .distributed import is_sharded
 from .errors import NonFiniteLossError
 from .methods import attach_all
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; none on norms, biases (ndim < 2) or embeddings."""
+def param_groups(model: nn.Module, weight_decay: float, ndim: dict[str, int] | None = None) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; none on norms, biases (ndim < 2) or embeddings. ``ndim``: the
+    parameters' dimensions by name when the model's own are not the original ones (FSDP: flat shards)."""
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in emb else decay).append(p)
+        dims = p.ndim if ndim is None else ndim[name]
+        (no_decay if dims < 2 or id(p) in emb else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -37,10 +40,12 @@ def lr_at(step: int, optim: dict, max_steps: int) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: dict) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: nn.Module, cfg: dict, ndim: dict[str, int] | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     o = cfg["optim"]
     opt = torch.optim.AdamW(
-        param_groups(model, o["weight_decay"]),
+        param_groups(model, o["weight_decay"], ndim),
         lr=o["lr"],
         betas=tuple(o["betas"]),
         eps=o["eps"],
@@ -74,6 +79,7 @@ class LMModule(L.LightningModule):
         self.bytes_per_token = bytes_per_token
         self.model = build_model(config["model"])
         self.hooks = list(attach_all(self.model, config).values())  # the model's methods' training hooks
+        self.param_ndim = {name: p.ndim for name, p in self.model.named_parameters()}  # before any sharding
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
         self._fwd = None
         self._t_last, self._items = None, 0
@@ -110,7 +116,7 @@ class LMModule(L.LightningModule):
         (the return value), the NaN check and the throughput ``rate_name`` (items per second, all processes)."""
         self.record_finite(loss)
         self._items += n_items
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # several processes: the global batch's
         if (self.global_step + 1) % self.cfg["trainer"]["log_every"]:
             return False
         self.check_finite()
@@ -122,8 +128,10 @@ class LMModule(L.LightningModule):
         return True
 
     def loss(self, batch) -> torch.Tensor:
-        """The training loss of a batch (without methods' auxiliary losses)."""
-        return lm_loss(self, batch)
+        """The training loss of a batch (without methods' auxiliary losses). Sharded (FSDP): through the strategy's
+        wrapper, which gathers the parameters (a collective: every process calls it)."""
+        sharded = self._trainer is not None and is_sharded(self._trainer)
+        return lm_loss(self.trainer.strategy.model if sharded else self, batch)
 
     def record_finite(self, loss: torch.Tensor) -> None:
         """Note (on device, no host sync) the step of the first non-finite loss."""
@@ -152,13 +160,18 @@ class LMModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = self.cfg["optim"]["grad_clip"]
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        clip = clip if clip > 0 else float("inf")
+        wrapper = self.trainer.strategy.model if self._trainer is not None else None
+        if hasattr(wrapper, "clip_grad_norm_"):  # sharded (FSDP): the norm over every process's shard
+            norm = wrapper.clip_grad_norm_(clip)
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if (self.global_step + 1) % self.cfg["trainer"]["log_every"] == 0:
             self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.model, self.cfg)
+        opt, sched = build_optimizer(self.model, self.cfg, self.param_ndim)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:

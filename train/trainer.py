@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
+from .distributed import build_strategy, is_sharded
 
 # Lightning's advertising and a deprecation inside Lightning itself: noise in every run's output.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
@@ -71,7 +72,7 @@ class ReplicaSyncCheck(L.Callback):
     """With several processes, check at the end that every replica holds the same parameters."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size < 2:
+        if trainer.world_size < 2 or is_sharded(trainer):  # sharded: no process holds a whole replica
             return
         sums = torch.stack([p.detach().double().sum() for p in pl_module.parameters()])  # [n_params]
         gathered = trainer.strategy.all_gather(sums)  # [world, n_params]
@@ -105,7 +106,8 @@ def build_trainer(cfg: dict, run_dir: Path, callbacks=(), loggers: bool = True, 
         max_epochs=-1,
         accelerator=tr["accelerator"],
         devices=tr["devices"],
-        strategy=tr["strategy"],
+        num_nodes=tr["num_nodes"],
+        strategy=build_strategy(tr["strategy"]),
         precision=tr["precision"],
         accumulate_grad_batches=tr["accumulate_grad_batches"],
         val_check_interval=tr["val_every"] * tr["accumulate_grad_batches"],

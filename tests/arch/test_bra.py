@@ -181,3 +181,27 @@ def test_1d_routing_never_selects_current_or_future_regions():
         regions = kv_blocks[0, 0, t // 8][token_mask[0, 0, t]]
         assert (regions <= t // 8).all() and (regions == t // 8).sum() == 1
         assert len(regions) == 1 + min(3, t // 8)
+
+
+@pytest.mark.parametrize("topk, attend_first, n_kv_heads", [(2, False, 4), (1, True, 2), ("all", False, 2)])
+def test_1d_decoding_token_by_token_equals_the_whole_sequence(topk, attend_first, n_kv_heads):
+    torch.manual_seed(3)
+    T = 37  # a ragged last region
+    m = arch.build_model(
+        {
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": n_kv_heads,
+            "max_seq_len": T,
+            "mixer": {"type": "bra", "region_size": 8, "topk": topk, "attend_first": attend_first},
+        }
+    ).eval()
+    x = torch.randint(0, 256, (2, T))
+    cache = m.new_cache()
+    with torch.no_grad():
+        steps = torch.cat([m.step(x[:, i : i + 1], cache) for i in range(T)], dim=1)
+        torch.testing.assert_close(steps, m(x), rtol=1e-5, atol=1e-5)
+        dense = arch.build_model({**m.config, "mixer": "dense"})
+        dense.load_state_dict(m.state_dict())
+        assert (dense(x) - m(x)).abs().max() > 1e-3 or topk == "all"  # the routing really drops keys

@@ -76,7 +76,9 @@ def test_train_batches_depend_only_on_step_and_seed():
     assert len(b) == 4 and torch.equal(a[7], b[1])
     assert a[0].shape == (4, 17) and torch.equal(a[0][:, 1:], a[0][:, :-1] + 1)  # contiguous windows
     assert not torch.equal(a[0], TrainWindows(tokens, 16, 4, seed=2, start=0, stop=10)[0])
-    assert not torch.equal(a[0], TrainWindows(tokens, 16, 4, seed=1, start=0, stop=10, rank=1)[0])
+    # two processes: rank r takes its slice of the global batch, the batch of one process with twice the size
+    ranks = [TrainWindows(tokens, 16, 2, seed=1, start=0, stop=10, rank=r, world=2)[3] for r in (0, 1)]
+    assert torch.equal(torch.cat(ranks), a[3]) and not torch.equal(ranks[0], ranks[1])
 
 
 def test_val_windows_cover_split_evenly():
