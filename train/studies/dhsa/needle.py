@@ -220,14 +220,16 @@ def build_cells(
 def score_prompts(model, prompts: Sequence[Prompt], device="cpu") -> dict:
     """Teacher-forced passkey scores of one cell, all prompts in one forward pass (they have the same length):
     ``accuracy`` (every answer token the argmax), ``digit_accuracy`` (fraction of answer tokens the argmax) and
-    ``answer_logprob`` (mean log-probability per answer token, nats)."""
+    ``answer_logprob`` (mean log-probability per answer token, nats). ``model`` may return the logits of only the
+    last positions (at least those predicting the answer)."""
     ids = torch.tensor([p.ids for p in prompts], device=device)  # [N, L]
-    logits = model(ids)  # [N, L, V]
+    logits = model(ids)  # [N, L', V]: the last L' <= L positions (a model may return only those)
+    off = ids.shape[1] - logits.shape[1]
     exact, digits, logprob = [], [], []
     for i, p in enumerate(prompts):
         a = p.answer_start
         target = ids[i, a:]  # [n_answer]
-        logp = F.log_softmax(logits[i, a - 1 : len(p.ids) - 1].float(), dim=-1)  # [n_answer, V]: predicts target
+        logp = F.log_softmax(logits[i, a - 1 - off : len(p.ids) - 1 - off].float(), dim=-1)  # [n_answer, V]
         hit = logp.argmax(-1) == target  # [n_answer]
         exact.append(bool(hit.all()))
         digits.append(hit.float().mean().item())
@@ -577,9 +579,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- report
-def print_tables(result: dict) -> None:
-    """Per variant: passkey accuracy and answer log-probability (rows = depth, columns = length); then one ppl
-    table (rows = length, columns = variants and their ratio to dense)."""
+def print_passkey(result: dict) -> None:
+    """Per variant: passkey accuracy and answer log-probability (rows = depth, columns = length)."""
     lengths, depths, variants = result["lengths"], result["depths"], result["variants"]
     head = "| depth \\ length | " + " | ".join(str(L) for L in lengths) + " |\n|---:|" + "---:|" * len(lengths)
     for name, r in variants.items():
@@ -592,6 +593,12 @@ def print_tables(result: dict) -> None:
         print(f"\nmean log-probability per answer digit (nats), {name}\n{head}")
         for i, d in enumerate(depths):
             print(f"| {d:.2f} | " + " | ".join(f"{a:.3f}" for a in r["passkey"]["answer_logprob"][i]) + " |")
+
+
+def print_tables(result: dict) -> None:
+    """``print_passkey``; then one ppl table (rows = length, columns = variants and their ratio to dense)."""
+    print_passkey(result)
+    lengths, variants = result["lengths"], result["variants"]
     ratios = [n for n in variants if n != "dense" and "dense" in variants]
     print("\nperplexity on the held-out split (ppl; bits/byte in parentheses)")
     print("| length | " + " | ".join(variants) + "".join(f" | {n} / dense" for n in ratios) + " |")
@@ -611,13 +618,12 @@ def print_tables(result: dict) -> None:
             print(f"| {L} | " + " | ".join(f"{variants[n]['ppl'][j]['recall']:.4f}" for n in sparse) + " |")
 
 
-def plot(result: dict, out: Path) -> list[Path]:
-    """needle.png: an accuracy heatmap per variant (x = length, y = depth); ppl.png: ppl vs length per variant."""
+def plot_passkey(result: dict, path: Path) -> Path:
+    """An accuracy heatmap per variant (x = length, y = depth) at ``path``."""
     lengths, depths, variants = result["lengths"], result["depths"], result["variants"]
     n = len(variants)
-    paths = [out / "needle.png", out / "ppl.png"]
     size = (2.2 + (0.9 * len(lengths) + 0.6) * n, 0.5 * len(depths) + 2.0)
-    with figure(paths[0], size, ncols=n, squeeze=False, sharey=True) as (fig, axes):
+    with figure(path, size, ncols=n, squeeze=False, sharey=True) as (fig, axes):
         for ax, (name, r) in zip(axes[0], variants.items()):
             acc = np.asarray(r["passkey"]["accuracy"])  # [depths, lengths]
             im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
@@ -631,6 +637,13 @@ def plot(result: dict, out: Path) -> list[Path]:
         axes[0][0].set_ylabel("needle depth (0 = start)")
         fig.colorbar(im, ax=axes[0].tolist(), label="passkey accuracy")
         fig.suptitle(f"passkey retrieval, {result['trials']} trials per cell", fontsize=10)
+    return path
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    """needle.png: ``plot_passkey``; ppl.png: ppl vs length per variant."""
+    lengths, variants = result["lengths"], result["variants"]
+    paths = [plot_passkey(result, out / "needle.png"), out / "ppl.png"]
     with figure(paths[1], (6.0, 4.0)) as (fig, ax):
         for name, r in variants.items():
             ax.plot(lengths, [row["ppl"] for row in r["ppl"]], "o-", label=name)
