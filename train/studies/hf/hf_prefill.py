@@ -16,7 +16,7 @@ The prompt: the first ``--tokens`` tokens of the held-out plays (``hf_swap.heldo
   causal ``scaled_dot_product_attention`` on the same tensors, timed interleaved, summed over those layers;
 * peak memory: of each prefill, inside its timed call (``peak_memory``: the peak RSS above the RSS before the
   call, reset through ``/proc/self/clear_refs``); the command restarts itself with ``MALLOC_ENV`` (freed buffers
-  leave the RSS) when started without it.
+  leave the RSS) and ``THREAD_ENV`` (idle OpenMP threads sleep: see the harness) when started without them.
 
 The issue's targets: end to end <= 0.65x dense, attention alone <= 0.35x dense SDPA.
 """
@@ -37,7 +37,7 @@ from arch.interop import SwappedAttention, restore, swap_attention
 from arch.interop.swap import decoder_layers
 from arch.io import atomic_write
 from arch.registry import ConfigError
-from kernels.bench.harness import MALLOC_ENV, fmt, machine, markdown_table, peak_memory, time_interleaved
+from kernels.bench.harness import MALLOC_ENV, THREAD_ENV, fmt, machine, markdown_table, peak_memory, time_interleaved
 from train.studies.hf.hf_swap import heldout_ids, load_gguf, smollm2_file, variant_specs
 
 TARGETS = {"end to end": 0.65, "attention alone": 0.35}
@@ -153,8 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # glibc reads it at start: start again with it
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **MALLOC_ENV})
+    env = {**MALLOC_ENV, **THREAD_ENV}  # glibc and OpenMP read these at start: start again with them
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **env})
     spec = dhsa_spec(args)
     if args.rounds < 1 or args.attn_rounds < 1:
         raise ConfigError("--rounds and --attn-rounds: must be >= 1")
