@@ -115,6 +115,12 @@ class BiFormer(nn.Module):
         ref = PAPER_SIZES.get((tuple(self.config["depths"]), tuple(self.config["dims"])))
         return None if ref is None else dict(zip(("name", "params_m", "gmacs"), ref))
 
+    @staticmethod
+    def convert_released(state_dict: Mapping) -> dict:
+        """A released checkpoint's state dict in our names (``convert_official_state_dict``): the hook through which
+        ``python -m train eval/info --weights`` loads the authors' weights of any model kind that has one."""
+        return convert_official_state_dict(state_dict)
+
     def __init__(self, cfg: Mapping):
         super().__init__()
         c = check_fields(cfg, fields_of_dataclass(BiFormerConfig), "model")

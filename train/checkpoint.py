@@ -330,10 +330,12 @@ def load_target(target: str | os.PathLike, overrides=(), weights: str | os.PathL
 
 
 def _released_converters() -> dict:
-    """model.kind -> converter of that kind's released checkpoints (a state dict in their names -> ours)."""
-    from arch.biformer import convert_official_state_dict
+    """model.kind -> converter of that kind's released checkpoints (a state dict in their names -> ours): the model
+    classes that define ``convert_released``."""
+    from arch.registry import MODELS  # importing arch registers every model kind
 
-    return {"biformer": convert_official_state_dict}
+    classes = {kind: MODELS.get(kind, "model.kind") for kind in MODELS.names()}
+    return {kind: cls.convert_released for kind, cls in classes.items() if hasattr(cls, "convert_released")}
 
 
 def read_released(path: str | os.PathLike, kind: str) -> dict:

@@ -75,7 +75,7 @@ def add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
         metavar="FILE",
-        help="a released checkpoint of the target config's model (the authors' torch.save file, e.g. BiFormer's "
+        help="a released checkpoint of the target config's model (the authors' torch.save file, e.g. "
         "{'model': state_dict}), converted to this repo's names and loaded strictly (weights_only=True)",
     )
 

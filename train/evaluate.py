@@ -5,8 +5,8 @@ on the whole held-out split.
     python -m train eval <config.yaml> --weights <released checkpoint> [dotted.key=value ...]
 
 Overrides apply to the saved config, e.g. another ``model.mixer`` evaluates the same weights with another
-attention. ``--weights``: the authors' released checkpoint of the config's model (e.g. a BiFormer-T ``.pth`` with
-``configs/paper/biformer-t.yaml``), converted to our names and loaded strictly. ``mean_loss`` is the one evaluation
+attention. ``--weights``: the authors' released checkpoint of the config's model (e.g. a released ``.pth`` with the
+matching ``configs/paper/`` config), converted to our names and loaded strictly. ``mean_loss`` is the one evaluation
 loop of the LMs (also used by the long-context study).
 """
 

@@ -9,8 +9,8 @@ Sources (``data.source``, same registry as the text sources):
 
 Augmentation (``data.augment``, training batches only): random resized crop (area fraction in ``crop_scale``,
 aspect ratio in [3/4, 4/3]) and optional horizontal flip, applied per image to whole batches with
-``affine_grid``/``grid_sample``, then per-channel normalisation. The rest of DeiT's recipe (the BiFormer paper's)
-comes from timm (``pip install '.[vision]'``), each off by default:
+``affine_grid``/``grid_sample``, then per-channel normalisation. The rest of DeiT's recipe (which the paper image
+configs use) comes from timm (``pip install '.[vision]'``), each off by default:
 
 * ``rand_augment``: timm's RandAugment config string (DeiT: ``rand-m9-mstd0.5-inc1``), per image on the CPU in
   the loader, on the resized image *before* the batched random crop (DeiT: after it);

@@ -1,14 +1,15 @@
 """Resolved config, per-layer block table, parameter count and FLOPs per token of a config.
 
 python -m train info configs/lm/gpt-tiny.yaml [dotted.key=value ...] [--measure N]
-python -m train info configs/paper/biformer-t.yaml --weights biformer_tiny_best.pth
+python -m train info configs/paper/<model>.yaml --weights <released checkpoint>.pth
 
 Two FLOP counts, both from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; 2 FLOPs per
 multiply-add): the config's upper bound (``forward_flops_per_token``: shapes only, on the meta device, so data-
 dependent blocks count their largest case) and, with ``--measure N``, the FLOPs a forward pass actually executes
 on N held-out windows (``measured_flops_per_token``: routed FFNs count the routes taken, sparse mixers the blocks
-they attend, Pattention its token count), at initialisation here; ``python -m train compare`` measures trained
-models too. ``--weights``: also check that a released checkpoint of the config's model converts and loads strictly.
+they attend, parameter-token layers their token count), at initialisation here; ``python -m train compare``
+measures trained models too. ``--weights``: also check that a released checkpoint of the config's model converts
+and loads strictly.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ def forward_flops_per_token(model_cfg: dict, seq_len: int | None = None) -> floa
 def measured_flops_per_token(model: torch.nn.Module, batches: Iterable[torch.Tensor], train: bool = False) -> float:
     """FLOPs per token that ``model`` actually executes on ``batches`` (LongTensors [b, T + 1], real data on a
     real device): what routed FFNs compute for the routes their tokens take, what sparse mixers compute for the
-    blocks they select, what Pattention computes for its token count.
+    blocks they select, what parameter-token layers compute for their token count.
 
     ``train=False``: forward passes in eval mode without gradient (inference). ``train=True``: forward and
     backward of the next-token loss in training mode (what a training step executes, e.g. a soft mixture of
-    experts while a router trains); the gradients are discarded. The model's mode is restored."""
+    experts while a routing layer trains); the gradients are discarded. The model's mode is restored."""
     was_training = model.training
     model.train(train)
     tokens = 0

@@ -14,7 +14,10 @@ BASE = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_le
 MODELS = {  # init 0.3: logits vary enough that greedy decoding does not repeat one token
     "dense": {},
     "dhsa": {"mixer": {"type": "dhsa", "budget": 16, "query_block": 8, "n_init": 4, "n_recent": 4}},
-    "bra": {"mixer": {"type": "bra", "region_size": 8, "topk": 1}},  # no incremental decoding: re-runs
+    "bra": {"mixer": {"type": "bra", "region_size": 8, "topk": 1}},
+    "dhsa-prefill": {  # prefill selections see later positions: no incremental decoding, the cache re-runs
+        "mixer": {"type": "dhsa", "mode": "prefill", "budget": 16, "query_block": 8, "n_init": 4, "n_recent": 4}
+    },
     "mixed": {  # per-layer blocks, Pattention projections and FFN, Duo FFN, untied head, partial RoPE
         "proj": {"type": "pattention", "qkv_tokens": 24, "proj_tokens": 24},
         "ffn": {"type": "duo", "routing": "fixed", "fixed_routes": ["big", "small"], "small_ratio": 4},
@@ -68,7 +71,7 @@ def test_round_trip_through_auto_classes_gives_identical_logits_and_generates(na
     assert len(set(expected[0, 20:].tolist())) > 2  # a generation that can tell a wrong cache apart
     cache = out.cache
     assert isinstance(cache, StepCache) and cache.get_seq_length() == 43
-    assert cache.rerun == (name == "bra")  # incremental decoding through CausalLM.step where the mixers have it
+    assert cache.rerun == (name == "dhsa-prefill")  # incremental decoding through CausalLM.step where mixers have it
 
 
 def test_tied_head_stays_tied_and_weights_are_stored_once(tmp_path):
