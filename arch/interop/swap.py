@@ -243,7 +243,8 @@ def swap_attention(model: nn.Module, mixer: Union[str, Mapping], layers: Layers 
         attn = _original_attention(all_layers[i])
         window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
         n_kv = config.num_key_value_heads or config.num_attention_heads
-        all_layers[i].self_attn = SwappedAttention(attn, m, config.num_attention_heads, n_kv, window)
+        swapped = SwappedAttention(attn, m, config.num_attention_heads, n_kv, window)
+        all_layers[i].self_attn = swapped.train(all_layers[i].self_attn.training)  # the mode of the one it replaces
         record["attn"].setdefault(i, attn)
     if record["hook"] is None:
         record["hook"] = model.register_forward_pre_hook(_reject_padding, with_kwargs=True)
@@ -276,7 +277,8 @@ def swap_mlp(model: nn.Module, ffn: Union[str, Mapping], layers: Layers = "*") -
             init_std=getattr(config, "initializer_range", 0.02),
         )
         big = record["mlp"].get(i, all_layers[i].mlp)
-        duos[i] = FFNS.create(spec, ctx, big=big).to(device=_device_of(big), dtype=_dtype_of(big))
+        duo = FFNS.create(spec, ctx, big=big).to(device=_device_of(big), dtype=_dtype_of(big))
+        duos[i] = duo.train(all_layers[i].mlp.training)  # the mode of the module it replaces
     for i, duo in duos.items():
         record["mlp"].setdefault(i, all_layers[i].mlp)
         all_layers[i].mlp = duo

@@ -187,6 +187,16 @@ def test_training_through_the_swapped_attention():
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_swapped_modules_take_the_mode_of_the_modules_they_replace():
+    """An eval-mode model stays in eval mode (DHSA's inference-only prefill mode runs; Duo routes hard)."""
+    model = swap_attention(tiny("llama"), {**SPARSE["dhsa"], "mode": "prefill"})
+    swap_mlp(model, {"type": "duo", "routing": "router"})
+    assert not any(m.training for m in model.modules())
+    model(ids(40))  # a training-mode prefill mixer would raise
+    swap_mlp(swap_attention(model.train(), SPARSE["dhsa"]), {"type": "duo", "routing": "router"})
+    assert all(m.training for m in model.modules())
+
+
 def test_swap_mlp_all_big_is_exactly_the_original_and_restores():
     model = tiny("llama")
     x = ids(90)
