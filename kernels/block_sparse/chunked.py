@@ -1,144 +1,196 @@
 """Block-sparse attention by query blocks, forward and backward, with about the memory of K and V themselves.
 
-The query blocks are processed in chunks. A chunk gathers only the key blocks its query blocks selected (chunks
-are sized so that this copy is about half as large as K) and runs ``tiles.tile_attention`` on them, the query heads of
-each key/value head stacked along the query length, so grouped-query heads share one copy of the gathered keys.
-The selected blocks of a query block form two tiles (``split_slots``): blocks that every query of the block sees
-whole (under a causal mask, the blocks before the query block; no per-token mask) need only a per-key bias,
-shared by all rows; the others (the diagonal block, per-token masks) a per-(query, key) bias. The two results are
-merged by their log-sum-exp. Only the output and the row log-sum-exp are kept: the backward pass recomputes each
-chunk (``tiles.tile_attention_backward``) and scatter-adds dK, dV into the selected blocks, so neither pass holds
-the S-fold copy of K and V (BiFormer's released code does: ~100 GB at 600×500, rayleizhu/BiFormer#21) nor a T×T
-score matrix. Without gradients this is the forward pass alone.
+Each query block attends, in one tile, to the key blocks it selected: those blocks are gathered (a copy of only
+the selected rows of K and V, made a few query blocks at a time so that it stays under half the size of K) and
+the tile runs through ``tiles.tile_attention``, PyTorch's fused flash-attention kernel on CPU, which reads q in
+place and handles grouped-query heads itself. The query blocks are first sorted into kinds by the mask their tile
+needs (``plan``), so that the common cases build no mask at all:
+
+* ``none``: every slot used and, under a causal mask, every selected key before the block's first query;
+* ``diagonal`` (causal): the same, except that the last slots are the block's own keys in order (blocks of keys
+  tile the query block): one triangular mask, shared by every query block of the kind;
+* ``keys``: a per-key mask (unused slots, padded or ``key_mask``-ed keys), shared by the rows of a tile;
+* ``full``: a per-(query, key) mask (a per-token mask, selections that fit neither pattern above).
+
+Only the output and the row log-sum-exp are kept: the backward pass recomputes each tile
+(``tiles.tile_attention_backward``) and scatter-adds dK, dV into the selected blocks, so neither pass holds the
+S-fold copy of K and V (BiFormer's released code does: ~100 GB at 600×500, rayleizhu/BiFormer#21) nor a T×T score
+matrix. Without gradients this is the forward pass alone.
 
 Canonical layout (built by ``pytorch.torch_block_sparse_attention``; one selection for all heads):
-q [B, nqb·qbs, H, hd]; k, v [B, nkb·bs, Hkv, hd]; the ``Slots`` of each query block; key_ok [B, nkb·bs].
+q [B, nqb·qbs, H, hd]; k, v [B, nkb·bs, Hkv, hd] (contiguous); kv_blocks [B, nqb, S]; key_ok [B, nkb, bs].
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from ..common import empty
-from .tiles import bias_of, merge, tile_attention, tile_attention_backward, visible
+from .tiles import bias_of, tile_attention, tile_attention_backward, visible
 
 
 @dataclasses.dataclass(frozen=True)
-class Group:
-    """Selected key blocks of each query block, S' slots: idx [B, nqb, S'] (clamped to >= 0), ok [B, nqb, S']
-    (False: unused slot), token_mask [B, nqb·qbs, S'] or None (which queries see the slot); ``whole``: every
-    query of the block sees every key of its blocks that ``key_ok`` lets through (no causal or per-token mask)."""
+class Rows:
+    """Query blocks that share a kind of mask (see the module docstring): ``rows`` [n] indices into the B·nqb
+    query blocks (ascending), ``blocks`` [n, S'] their key blocks (each row's used slots first, in key order; 0 in
+    unused slots), ``used`` [n, S'] which slots are used, ``token_mask`` [n, qbs, S'] in the same slot order
+    (kind ``full`` under a per-token mask, else None)."""
 
-    idx: torch.Tensor
-    ok: torch.Tensor
+    kind: str
+    rows: torch.Tensor
+    blocks: torch.Tensor
+    used: torch.Tensor
     token_mask: torch.Tensor | None
-    whole: bool
 
 
-def split_slots(kv_blocks, token_mask, q_block_size: int, block_size: int, causal: bool) -> list[Group]:
-    """kv_blocks [B, nqb, S] (-1 = unused), token_mask [B, nqb·qbs, S] or None -> the groups with slots: blocks
-    seen whole by every query of their block (under a causal mask: those before it; none under a per-token
-    mask), then the others (the diagonal). Under a causal mask, blocks after a query block's last query are
-    dropped (no query of the block sees them)."""
-    qbs, bs = q_block_size, block_size
-    ok = kv_blocks >= 0
-    first = torch.arange(kv_blocks.shape[1], device=kv_blocks.device)[:, None] * qbs  # [nqb, 1] first query
+def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, key_holes: bool) -> list[Rows]:
+    """kv_blocks [B, nqb, S] (-1 = unused), token_mask [B, nqb·qbs, S] or None, key_ok [B, nkb, bs] -> the query
+    blocks of each kind (a query block that selects nothing is in none: it outputs zeros). Under a causal mask,
+    key blocks that start after a block's last query are dropped. ``aligned``: causal, as many queries as keys and
+    query blocks made of whole key blocks (the ``diagonal`` kind needs it; padding keys past the end are then seen
+    by padding queries only). ``key_holes``: some real key is masked out (``key_mask``)."""
+    B, nqb, S = kv_blocks.shape
+    nkb, bs = key_ok.shape[1:]
+    first = torch.arange(nqb, device=kv_blocks.device)[:, None] * qbs  # [nqb, 1] first query of each block
+    used = kv_blocks >= 0
     if causal:
-        ok &= kv_blocks * bs <= first + qbs - 1
-    whole = ok & ((kv_blocks + 1) * bs <= first + 1) if causal else ok
+        used &= kv_blocks * bs <= first + qbs - 1
+    if kv_blocks.device.type == "meta":  # FLOP counting: no data to sort on, every slot of every block
+        tm = None if token_mask is None else token_mask.reshape(B * nqb, qbs, S)
+        rows = torch.arange(B * nqb, device=kv_blocks.device)
+        return [Rows("full", rows, kv_blocks.reshape(B * nqb, S).clamp_min(0), used.reshape(B * nqb, S), tm)]
+    order = torch.sort(torch.where(used, kv_blocks, nkb), dim=-1, stable=True).indices  # used first, key order
+    blocks, used = kv_blocks.gather(-1, order).clamp_min(0), used.gather(-1, order)
+    count = used.sum(-1)  # [B, nqb] used slots (the first ones)
     if token_mask is not None:
-        whole = torch.zeros_like(ok)
-    if kv_blocks.device.type == "meta":  # FLOP counting: no data to sort on, every slot in one group
-        return [Group(kv_blocks.clamp_min(0), ok, token_mask, False)]
-    groups = []
-    for is_whole, keep in ((True, whole), (False, ok & ~whole)):
-        idx, keep, order = _compact(kv_blocks, keep)
-        if idx.shape[-1]:
-            tm = None if token_mask is None else token_mask.gather(2, order.repeat_interleave(qbs, dim=1))
-            groups.append(Group(idx, keep, tm, is_whole))
-    return groups
+        kind = torch.full((B, nqb), 3, device=used.device)
+    else:
+        whole = torch.ones_like(count, dtype=torch.bool)  # no masked key in a used slot
+        if key_holes or not aligned:
+            holes = ~key_ok.all(-1)  # [B, nkb]
+            whole = ~(holes.gather(1, blocks.flatten(1)).view(B, nqb, S) & used).any(-1)
+        if not causal:
+            kind = torch.where(whole, 0, 2)
+        else:
+            before = ((blocks + 1) * bs <= first + 1) | ~used  # [B, nqb, S] the slot's keys before the first query
+            kind = torch.where(whole & before.all(-1), 0, 3)
+            m = qbs // bs
+            if aligned:  # the last m used slots: the block's own key blocks, in order; the others before
+                tail = (count[..., None] - m + torch.arange(m, device=used.device)).clamp_min(0)  # [B, nqb, m]
+                own = first // bs + torch.arange(m, device=first.device)  # [nqb, m]
+                slot = torch.arange(S, device=used.device)
+                diagonal = (blocks.gather(-1, tail) == own).all(-1) & (count >= m)
+                diagonal &= (before | (slot >= count[..., None] - m)).all(-1)
+                kind = torch.where(whole & diagonal & (kind == 3), 1, kind)
+    kind = torch.where(count > 0, kind, -1).flatten()  # -1: selects nothing
+    blocks, used, count = blocks.flatten(0, 1), used.flatten(0, 1), count.flatten()
+    if token_mask is not None:
+        token_mask = token_mask.view(B, nqb, qbs, S).gather(3, order[:, :, None].expand(B, nqb, qbs, S))
+        token_mask = token_mask.flatten(0, 1)
+    out = []
+    for k, name in enumerate(("none", "diagonal", "keys", "full")):
+        mine = kind == k
+        if name in ("none", "diagonal"):  # every slot of a tile used: one part per number of used slots
+            for c in count[mine].unique().tolist():
+                rows = (mine & (count == c)).nonzero().flatten()
+                out.append(Rows(name, rows, blocks[rows, :c], used[rows, :c], None))
+        elif mine.any():
+            rows = mine.nonzero().flatten()
+            out.append(Rows(name, rows, blocks[rows], used[rows], None if token_mask is None else token_mask[rows]))
+    return out
 
 
-def _compact(kv_blocks, keep):
-    """The kept slots of each row first, as many slots as the row that keeps most -> (idx clamped to >= 0, ok,
-    order), each [B, nqb, S']."""
-    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
-    order = order[..., : int(keep.sum(-1).max()) if keep.numel() else 0]
-    return kv_blocks.gather(-1, order).clamp_min(0), keep.gather(-1, order), order
+def tiles_of(part: Rows, n_keys: int, bs: int):
+    """Tiles of a few query blocks each, their gathered keys at most as many as the ``n_keys`` keys (a copy of K
+    and V no larger than K and V), their slots trimmed to the most any of their blocks uses -> (rows [n],
+    blocks [n, S'], used [n, S'], token_mask [n, qbs, S'] or None)."""
+    S = part.blocks.shape[1]
+    step = max(1, n_keys // (S * bs))
+    for r0 in range(0, len(part.rows), step):
+        sl = slice(r0, r0 + step)
+        rows, blocks, used = part.rows[sl], part.blocks[sl], part.used[sl]
+        tm = None if part.token_mask is None else part.token_mask[sl]
+        if part.kind in ("keys", "full") and rows.device.type != "meta":
+            s = int(used.sum(-1).max())
+            blocks, used, tm = blocks[:, :s], used[:, :s], None if tm is None else tm[..., :s]
+        yield rows, blocks, used, tm
 
 
-def _q_tiles(x, c0: int, c1: int, qbs: int, Hkv: int) -> torch.Tensor:
-    """Rows of query blocks c0..c1-1 of x [B, T, H, ...] -> [B·nc, Hkv, rep·qbs, ...] (the query heads of each
-    key/value head stacked along the rows)."""
-    B, _, H, *rest = x.shape
-    x = x[:, c0 * qbs : c1 * qbs].reshape(B, c1 - c0, qbs, Hkv, H // Hkv, *rest)
-    return x.transpose(2, 3).transpose(3, 4).reshape(B * (c1 - c0), Hkv, H // Hkv * qbs, *rest)
+def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, cache):
+    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs], or None (kind ``none``); ``cache``: a
+    dict that keeps the ``diagonal`` masks (one per number of slots) between tiles."""
+    n, S = blocks.shape
+    nkb, bs = key_ok.shape[1:]
+    dev = blocks.device
+    if kind == "none":
+        return None
+    if kind == "diagonal":  # every key seen but the block's own (the last qbs), which are seen causally
+        if S not in cache:
+            own = torch.ones(qbs, qbs, dtype=torch.bool, device=dev).tril()
+            cache[S] = bias_of(torch.cat([own.new_ones(qbs, S * bs - qbs), own], 1)[None], dtype)
+        return cache[S].expand(n, 1, qbs, S * bs)
+    batch = rows // nqb
+    seen = (key_ok[batch[:, None], blocks] & used[..., None]).view(n, 1, S * bs)  # [n, 1, S'·bs]
+    if kind == "keys":
+        return bias_of(seen, dtype)
+    if token_mask is not None:
+        seen = seen & token_mask.repeat_interleave(bs, -1)  # [n, qbs, S'·bs]
+    if not causal:
+        return bias_of(seen, dtype)
+    kpos = (blocks[..., None] * bs + torch.arange(bs, device=dev)).view(n, S * bs)
+    qpos = (rows % nqb)[:, None] * qbs + torch.arange(qbs, device=dev)
+    return bias_of(visible(seen, kpos, qpos), dtype)
 
 
-def _from_q_tiles(t, B: int, qbs: int) -> torch.Tensor:
-    """Inverse of ``_q_tiles``: [B·nc, Hkv, rep·qbs, hd] -> [B, nc·qbs, H, hd]."""
-    n, Hkv, L, hd = t.shape
-    return t.view(B, n // B, Hkv, L // qbs, qbs, hd).permute(0, 1, 4, 2, 3, 5).reshape(B, -1, Hkv * L // qbs, hd)
+def _take(x4, rows):
+    """x4 [N, qbs, H, hd] at rows [n] -> [n, H, qbs, hd] (a view when the rows are consecutive)."""
+    r0, n = int(rows[0]), len(rows)
+    part = x4[r0 : r0 + n] if int(rows[-1]) - r0 + 1 == n else x4.index_select(0, rows)
+    return part.transpose(1, 2)
 
 
-def _gather(x, idx) -> torch.Tensor:
-    """Key blocks x [B, nkb, bs, Hkv, hd] at idx [B, nc, S'] -> [B·nc, Hkv, S'·bs, hd] (a transposed copy)."""
-    B, nkb, bs, Hkv, hd = x.shape
-    nc, S = idx.shape[1:]
-    flat = (idx + torch.arange(B, device=x.device)[:, None, None] * nkb).flatten()
-    g = x.view(B * nkb, bs * Hkv * hd).index_select(0, flat)  # [B·nc·S', bs·Hkv·hd]: one row per block
-    return g.view(B * nc, S * bs, Hkv, hd).transpose(1, 2)
+def _put(x4, rows, t) -> None:
+    """x4[rows] = t ([n, H, qbs, hd])."""
+    r0, n = int(rows[0]), len(rows)
+    if int(rows[-1]) - r0 + 1 == n:
+        x4[r0 : r0 + n] = t.transpose(1, 2)
+    else:
+        x4.index_copy_(0, rows, t.transpose(1, 2).to(x4.dtype))
 
 
-def _keys(group: Group, key_ok, causal: bool, c0: int, c1: int, qbs: int, rep: int, dtype):
-    """The key tiles of query blocks c0..c1-1 in one group -> (idx [B, nc, S'], bias [B·nc, 1, rep·qbs or 1,
-    S'·bs] or None, row_ok broadcastable to [B·nc, Hkv, rep·qbs] or None: which rows see a key)."""
-    B, _, bs = key_ok.shape  # [B, nkb, bs]
-    nc, S = c1 - c0, group.idx.shape[-1]
-    idx = group.idx[:, c0:c1]
-    rows = torch.arange(B, device=idx.device)[:, None, None]
-    seen = (key_ok[rows, idx] & group.ok[:, c0:c1, :, None]).view(B * nc, 1, S * bs)  # [B·nc, 1, S'·bs]
-    if group.token_mask is not None:
-        tm = group.token_mask[:, c0 * qbs : c1 * qbs, :, None].expand(B, nc * qbs, S, bs)
-        seen = seen & tm.reshape(B * nc, qbs, S * bs)
-    if causal and not group.whole:
-        kpos = (idx[..., None] * bs + torch.arange(bs, device=idx.device)).view(B * nc, S * bs)
-        qpos = torch.arange(c0 * qbs, c1 * qbs, device=idx.device).view(nc, qbs).repeat(B, 1)
-        seen = visible(seen, kpos, qpos)  # [B·nc, qbs, S'·bs]
-    if seen.device.type != "meta" and bool(seen.all()):
-        return idx, None, None
-    row_ok = seen.any(-1)[:, None]  # [B·nc, 1, 1 or qbs]
-    row_ok = row_ok if row_ok.shape[-1] == 1 else row_ok[:, :, None].expand(B * nc, 1, rep, qbs)
-    return idx, bias_of(seen, dtype, rep), row_ok.reshape(B * nc, 1, -1)
+def _gather(x, blocks, nkb: int, rows, nqb: int):
+    """Key blocks x [B·nkb, bs, Hkv, hd] of the tile's rows -> (flat block indices [n·S'], [n, Hkv, S'·bs, hd])."""
+    _, bs, Hkv, hd = x.shape
+    n, S = blocks.shape
+    flat = (blocks + (rows // nqb)[:, None] * nkb).flatten()
+    g = x.view(x.shape[0], -1).index_select(0, flat)  # one row per block
+    return flat, g.view(n, S * bs, Hkv, hd).transpose(1, 2)
 
 
 class BlockSparseAttention(torch.autograd.Function):
-    """q, k, v in the canonical layout, the groups of ``split_slots``, key_ok [B, nkb, bs] -> [B, nqb·qbs, H, hd]."""
+    """q [B, nqb·qbs, H, hd], k, v [B, nkb·bs, Hkv, hd], the ``plan``, key_ok [B, nkb, bs] -> [B, nqb·qbs, H, hd]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, groups: list[Group], key_ok, causal: bool, scale: float, qbs: int):
+    def forward(ctx, q, k, v, parts: list[Rows], key_ok, causal: bool, scale: float, qbs: int):
         B, Tq, H, hd = q.shape
         nqb, (_, nkb, bs), Hkv = Tq // qbs, key_ok.shape, k.shape[2]
-        kb, vb = k.view(B, nkb, bs, Hkv, hd), v.view(B, nkb, bs, Hkv, hd)
-        acc = torch.promote_types(q.dtype, torch.float32)
-        out = empty(q.shape, q.dtype, q.device) if groups else torch.zeros_like(q)
-        lse = torch.full((B, nqb, Hkv, H // Hkv * qbs), float("-inf"), dtype=acc, device=q.device)  # tile layout
-        for i, group in enumerate(groups):
-            for c0, c1 in _chunks(group, nqb, nkb * bs, bs):
-                idx, bias, row_ok = _keys(group, key_ok, causal, c0, c1, qbs, H // Hkv, q.dtype)
-                qt, kg, vg = _q_tiles(q, c0, c1, qbs, Hkv), _gather(kb, idx), _gather(vb, idx)
-                o, lse_c = tile_attention(qt, kg, vg, bias, scale)  # [B·nc, Hkv, rep·qbs, hd], [B·nc, Hkv, rep·qbs]
-                lse_c = lse_c if row_ok is None else lse_c.masked_fill(~row_ok, float("-inf"))
-                if i:  # merge with the earlier groups' result
-                    o, lse_c = merge(_q_tiles(out, c0, c1, qbs, Hkv), lse[:, c0:c1].flatten(0, 1), o, lse_c)
-                out[:, c0 * qbs : c1 * qbs] = _from_q_tiles(o, B, qbs)
-                lse[:, c0:c1] = lse_c.view(B, c1 - c0, *lse_c.shape[1:])
-        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # rows that see no key: any finite value
+        selected = sum(len(p.rows) for p in parts)
+        out = (torch.empty if selected == B * nqb else torch.zeros)(B * nqb, qbs, H, hd, dtype=q.dtype, device=q.device)
+        lse = torch.zeros(B * nqb, H, qbs, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        q4, kb, vb = q.view(B * nqb, qbs, H, hd), k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
+        diagonal = {}
+        for part in parts:
+            for rows, blocks, used, tm in tiles_of(part, nkb * bs, bs):
+                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, diagonal)
+                _, kg = _gather(kb, blocks, nkb, rows, nqb)
+                _, vg = _gather(vb, blocks, nkb, rows, nqb)
+                o, lse_t = tile_attention(_take(q4, rows), kg, vg, mask, scale)  # [n, H, qbs, hd], [n, H, qbs]
+                _put(out, rows, o)
+                lse[rows] = torch.where(torch.isfinite(lse_t), lse_t, 0.0)  # a row that sees no key: any value
+        out = out.view(B, Tq, H, hd)
         ctx.save_for_backward(q, k, v, out, lse, key_ok)
-        ctx.groups, ctx.causal, ctx.scale, ctx.qbs = groups, causal, scale, qbs
+        ctx.parts, ctx.causal, ctx.scale, ctx.qbs = parts, causal, scale, qbs
         return out
 
     @staticmethod
@@ -146,26 +198,32 @@ class BlockSparseAttention(torch.autograd.Function):
         q, k, v, out, lse, key_ok = ctx.saved_tensors
         B, Tq, H, hd = q.shape
         qbs, (_, nkb, bs), Hkv = ctx.qbs, key_ok.shape, k.shape[2]
-        kb, vb = k.view(B, nkb, bs, Hkv, hd), v.view(B, nkb, bs, Hkv, hd)
-        dq = torch.zeros_like(q)
+        nqb = Tq // qbs
+        q4, o4, do4 = (x.reshape(B * nqb, qbs, H, hd) for x in (q, out, dout))
+        kb, vb = k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
+        dq = torch.zeros_like(q4)
         dk = torch.zeros(B * nkb, bs, Hkv, hd, dtype=lse.dtype, device=k.device)
         dv = torch.zeros_like(dk)
-        base = (torch.arange(B, device=q.device) * nkb)[:, None, None]
-        for group in ctx.groups:
-            for c0, c1 in _chunks(group, Tq // qbs, nkb * bs, bs):
-                idx, bias, _ = _keys(group, key_ok, ctx.causal, c0, c1, qbs, H // Hkv, q.dtype)
-                qt, ot, dot = (_q_tiles(x, c0, c1, qbs, Hkv) for x in (q, out, dout))
-                kg, vg, lse_c = _gather(kb, idx), _gather(vb, idx), lse[:, c0:c1].flatten(0, 1)
-                dqt, dkt, dvt = tile_attention_backward(dot, qt, kg, vg, ot, lse_c, bias, ctx.scale)
-                dq[:, c0 * qbs : c1 * qbs] += _from_q_tiles(dqt, B, qbs)
-                rows = (idx + base).flatten()  # [B·nc·S'] blocks of dk, dv
-                dk.index_add_(0, rows, dkt.transpose(1, 2).reshape(-1, bs, Hkv, hd).to(dk.dtype))
-                dv.index_add_(0, rows, dvt.transpose(1, 2).reshape(-1, bs, Hkv, hd).to(dv.dtype))
-        return dq, dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype), None, None, None, None, None
-
-
-def _chunks(group: Group, nqb: int, n_keys: int, bs: int) -> list[tuple[int, int]]:
-    """Query blocks c0..c1-1 at a time: their gathered keys about half of the ``n_keys`` keys, their queries at
-    most an eighth of the sequence (each copy a chunk makes is at most that fraction of K or q)."""
-    step = max(1, min(n_keys // (2 * group.idx.shape[-1] * bs), math.ceil(nqb / 8)))
-    return [(c0, min(c0 + step, nqb)) for c0 in range(0, nqb, step)]
+        diagonal = {}
+        for part in ctx.parts:
+            for rows, blocks, used, tm in tiles_of(part, nkb * bs, bs):
+                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, diagonal)
+                flat, kg = _gather(kb, blocks, nkb, rows, nqb)
+                _, vg = _gather(vb, blocks, nkb, rows, nqb)
+                dqt, dkt, dvt = tile_attention_backward(
+                    _take(do4, rows), _take(q4, rows), kg, vg, _take(o4, rows), lse[rows], mask, ctx.scale
+                )
+                _put(dq, rows, dqt)
+                n, S = blocks.shape
+                dk.index_add_(0, flat, dkt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dk.dtype))
+                dv.index_add_(0, flat, dvt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dv.dtype))
+        return (
+            dq.view(q.shape),
+            dk.view(k.shape).to(k.dtype),
+            dv.view(v.shape).to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

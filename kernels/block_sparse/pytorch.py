@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunked import BlockSparseAttention, split_slots
+from .chunked import BlockSparseAttention, plan
 from .per_query import PairAttention, pair_chunks
 
 
@@ -43,9 +43,10 @@ def torch_block_sparse_attention(
         return PairAttention.apply(q, k, v, chunks, key_ok.view(B, nkb, bs), causal, scale)
     if token_mask is not None:
         token_mask = F.pad(token_mask, (0, 0, 0, nqb * qbs - Tq))
-    groups = split_slots(kv_blocks, token_mask, qbs, bs, causal)
+    aligned = causal and Tq == Tk and qbs % bs == 0
+    parts = plan(kv_blocks, token_mask, key_ok.view(B, nkb, bs), qbs, causal, aligned, key_mask is not None)
     q = q if Tq == nqb * qbs else F.pad(q, (0, 0, 0, 0, 0, nqb * qbs - Tq))
-    return BlockSparseAttention.apply(q, k, v, groups, key_ok.view(B, nkb, bs), causal, scale, qbs)[:, :Tq]
+    return BlockSparseAttention.apply(q, k, v, parts, key_ok.view(B, nkb, bs), causal, scale, qbs)[:, :Tq]
 
 
 def _by_key_block(kv_blocks, token_mask, qbs: int) -> bool:

@@ -2,7 +2,6 @@
 
 A *tile* pairs some queries with some keys. ``tile_attention`` computes softmax attention of a batch of tiles
 (an additive bias masks keys out) and returns the output and the log-sum-exp (lse) of every query row;
-``merge`` combines two results over disjoint keys of the same rows (the split-KV merge of FlashDecoding);
 ``tile_attention_backward`` computes a tile's gradients from the *final* output O and lse of its rows
 (FlashAttention's backward, Dao et al. 2022: P = exp(s − lse), dS = P ∘ (dP − rowsum(dO ∘ O))), so a query's
 keys may be split over any number of tiles and their gradients summed, with nothing stored but O and lse.
@@ -12,9 +11,10 @@ and its backward, the kernel behind ``F.scaled_dot_product_attention`` on CPU, c
 call returns no log-sum-exp. Elsewhere (CUDA tensors under ``impl="torch"``, the meta device of FLOP counting)
 the same arithmetic runs in plain matmuls.
 
-Shapes: q [n, h, L, hd]; k, v [n, h, S, hd]; bias in q's dtype, broadcastable to [n, h, L, S], 0 = visible and
+Shapes: q [n, h, L, hd]; k, v [n, hkv, S, hd] with h a multiple of hkv (grouped-query heads: query head i reads
+key/value head i // (h / hkv)); any strides; bias in q's dtype, broadcastable to [n, 1, L, S], 0 = visible and
 -inf = masked, None = every key visible. A row that sees no key outputs 0 and its lse is undefined (the fused
-kernel gives 0): callers that merge mark those rows with lse = -inf (``visible(...).any(-1)``).
+kernel gives 0, the plain matmuls -inf).
 """
 
 from __future__ import annotations
@@ -35,14 +35,9 @@ def visible(key_ok: torch.Tensor, kpos: torch.Tensor | None, qpos: torch.Tensor 
     return key_ok & (kpos[..., None, :] <= qpos[..., :, None])
 
 
-def bias_of(ok: torch.Tensor, dtype: torch.dtype, rep: int = 1) -> torch.Tensor:
-    """bool [n, L or 1, S] -> additive bias [n, 1, rep·L or 1, S] (0 / -inf) for queries stacked as rep groups
-    of L rows (the query heads of one key/value head)."""
-    bias = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, NEG_INF)[:, None]
-    if rep == 1 or ok.shape[1] == 1:
-        return bias
-    n, _, L, S = bias.shape
-    return bias.expand(n, rep, L, S).reshape(n, 1, rep * L, S)
+def bias_of(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [n, L or 1, S] -> additive bias [n, 1, L or 1, S] (0 / -inf)."""
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, NEG_INF)[:, None]
 
 
 def tile_attention(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,31 +58,31 @@ def tile_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
 
 def plain_attention(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``tile_attention`` in plain matmuls (the [n, h, L, S] scores materialised)."""
-    s = _scores(q, k, bias, scale)
+    s = _scores(q, k, bias, scale)  # [n, hkv, rep, L, S]
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - _finite(lse)[..., None])  # a row that sees nothing: exp(-inf) = 0
-    return (p.to(v.dtype) @ v).to(q.dtype), lse
+    return (p.to(v.dtype) @ v[:, :, None]).flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
 
 
 def plain_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
     """``tile_attention_backward`` in plain matmuls."""
-    p = torch.exp(_scores(q, k, bias, scale) - lse[..., None])  # [n, h, L, S]
-    delta = (dout.to(p.dtype) * out.to(p.dtype)).sum(-1, keepdim=True)  # rowsum(dO ∘ O)
-    ds = (p * ((dout @ v.transpose(-1, -2)).to(p.dtype) - delta) * scale).to(q.dtype)
-    return ds @ k, ds.transpose(-1, -2) @ q, p.to(dout.dtype).transpose(-1, -2) @ dout
-
-
-def merge(o1, lse1, o2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the union of two disjoint key sets of the same rows, from each one's result: o [..., hd],
-    lse [...] with lse = -inf where the row saw no key of the set (its o is 0) -> (o, lse), the same way."""
-    lse = torch.logaddexp(lse1, lse2)
-    w2 = torch.exp(lse2 - _finite(lse))[..., None]  # the second set's share of the softmax mass
-    return torch.lerp(o1.to(w2.dtype), o2.to(w2.dtype), w2).to(o1.dtype), lse
+    hkv = k.shape[1]
+    p = torch.exp(_scores(q, k, bias, scale) - lse.unflatten(1, (hkv, -1))[..., None])  # [n, hkv, rep, L, S]
+    dout, q = dout.unflatten(1, (hkv, -1)), q.unflatten(1, (hkv, -1))
+    delta = (dout.to(p.dtype) * out.unflatten(1, (hkv, -1)).to(p.dtype)).sum(-1, keepdim=True)  # rowsum(dO ∘ O)
+    ds = (p * ((dout @ v[:, :, None].transpose(-1, -2)).to(p.dtype) - delta) * scale).to(q.dtype)
+    dq = (ds @ k[:, :, None]).flatten(1, 2)
+    dk = (ds.transpose(-1, -2) @ q).sum(2)
+    dv = (p.to(dout.dtype).transpose(-1, -2) @ dout).sum(2)
+    return dq, dk, dv
 
 
 def _scores(q, k, bias, scale: float) -> torch.Tensor:
-    s = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
-    return s if bias is None else s + bias
+    """q [n, h, L, hd], k [n, hkv, S, hd] -> scaled, biased scores [n, hkv, h / hkv, L, S] (grouped-query heads
+    of one key/value head together)."""
+    q = q.unflatten(1, (k.shape[1], -1))
+    s = (q @ k[:, :, None].transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    return s if bias is None else s + bias[:, :, None]
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,61 @@ def test_some_rows_select_no_block():
             check("block_sparse_attention", impl, torch.float32, "grad", a, b)
 
 
+def mixed_kinds_selection(nqb: int, S: int, m: int) -> torch.Tensor:
+    """Causal selection over query blocks of m key blocks: rows that end with their own m blocks (``diagonal``),
+    rows of earlier blocks only (``none``), rows with unused slots, with their own blocks out of order or with
+    only some of them (``full``), in a shuffled slot order. -> [1, 1, nqb, S]."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(nqb):
+        own, earlier = list(range(i * m, i * m + m)), torch.randperm(i * m, generator=g).tolist()
+        kind = i % 4
+        if kind == 0:  # diagonal: all slots used (when there are enough earlier blocks)
+            pick = earlier[: S - m] + own
+        elif kind == 1:  # none: earlier blocks only
+            pick = earlier[:S] or own
+        elif kind == 2:  # some of its own blocks (all when m = 1), unused slots
+            pick = earlier[:1] + own[: max(1, m - 1)]
+        else:  # fewer earlier blocks than slots
+            pick = earlier[: max(0, S - m - 2)] + own
+        pick = [pick[j] for j in torch.randperm(len(pick), generator=g)]
+        rows.append(pick + [-1] * (S - len(pick)))
+    return torch.tensor(rows)[None, None]
+
+
+@pytest.mark.parametrize("bs, qbs", [(8, 8), (4, 8), (1, 4)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_mask_kind_matches_naive(bs, qbs, causal):
+    """The query-block tiling sorts query blocks by the mask their tile needs (none, the shared diagonal
+    triangle, per-key, per-query-and-key, chunked.plan): a selection that produces every kind, checked against
+    the definition (output, dq, dk, dv), with GQA and a ragged last block."""
+    from kernels.block_sparse.chunked import plan
+
+    T, H, Hkv, hd, m = 61, 4, 2, 16, qbs // bs
+    nqb, S = math.ceil(T / qbs), 3 * m
+    sel = mixed_kinds_selection(nqb, S, m).clamp_max(math.ceil(T / bs) - 1)
+    sel = torch.where((sel[..., :, None] == sel[..., None, :]).triu(1).any(-2), -1, sel)  # no repeats
+    g = torch.Generator().manual_seed(bs + qbs)
+    q = torch.randn(1, T, H, hd, generator=g)
+    k, v = (torch.randn(1, T, Hkv, hd, generator=g) for _ in range(2))
+    key_ok = (torch.arange(math.ceil(T / bs) * bs) < T).view(1, -1, bs)
+    pad = F.pad(sel[:, 0], (0, 0, 0, 0))
+    kinds = {p.kind for p in plan(pad, None, key_ok, qbs, causal, causal, False)}
+    # query blocks of one key block: a row that holds its own block is diagonal; without a causal mask only the
+    # ragged last block needs a mask
+    expected = (
+        {"none", "diagonal"} | ({"full"} if m > 1 else set()) if causal else {"none"} | ({"keys"} if T % bs else set())
+    )
+    assert kinds == expected, kinds
+    kw = dict(block_size=bs, q_block_size=qbs, causal=causal, scale=0.3)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    ref, ref_grads = attention_and_grads([t.double() for t in (q, k, v)], sel, kw, "naive", dout)
+    out, grads = attention_and_grads((q, k, v), sel, kw, "torch", dout)
+    check("block_sparse_attention", "torch", torch.float32, "out (mask kinds)", out, ref)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check("block_sparse_attention", "torch", torch.float32, f"{name} (mask kinds)", a, b)
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("hd, T, bs", [(64, 100, 32), (128, 77, 16)])
 def test_every_causal_block_selected_is_dense_causal_sdpa(impl, hd, T, bs):
