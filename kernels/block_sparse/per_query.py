@@ -4,8 +4,8 @@ block's union of blocks.
 
 Each (query, selected key block) pair is sent to its key block: the queries that selected block b are packed into
 tiles of at most ``width`` queries (``width`` = the mean number per block, so padding at most doubles the work),
-which attend to block b's keys with ``tiles.tile_attention`` (all heads of a query in one tile; K and V repeated
-over the query heads of a group, one block per tile). What is copied is the pairs' queries, not the keys. Pairs
+which attend to block b's keys with ``tiles.tile_attention`` (all heads of a query in one tile, grouped-query
+heads reading their key/value head, one block per tile). What is copied is the pairs' queries, not the keys. Pairs
 whose block the query sees whole need no mask; the others (its own block under a causal mask, blocks with masked
 keys) are tiled apart, with a per-(query, key) bias.
 
@@ -116,12 +116,9 @@ def _queries(x, tiles: Tiles, t: slice) -> torch.Tensor:
     return rows.view(t.stop - t.start, w, *x.shape[1:]).transpose(1, 2)
 
 
-def _keys(x, tiles: Tiles, t: slice, H: int) -> torch.Tensor:
-    """The key block of tiles t, repeated for the query heads of each key/value head: x [B·nkb, bs, Hkv, hd]
-    -> [n, H, bs, hd] (a transposed copy)."""
-    n, (bs, Hkv, hd) = t.stop - t.start, x.shape[1:]
-    g = x.index_select(0, tiles.block[t])[:, :, :, None].expand(n, bs, Hkv, H // Hkv, hd)
-    return g.reshape(n, bs, H, hd).transpose(1, 2)
+def _keys(x, tiles: Tiles, t: slice) -> torch.Tensor:
+    """The key block of tiles t: x [B·nkb, bs, Hkv, hd] -> [n, Hkv, bs, hd] (a copy of those blocks)."""
+    return x.index_select(0, tiles.block[t]).transpose(1, 2)
 
 
 def _visibility(tiles: Tiles, t: slice, key_ok, nkb: int, causal: bool, Tq: int):
@@ -161,7 +158,7 @@ class PairAttention(torch.autograd.Function):
                     seen = _visibility(tiles, t, key_ok, nkb, causal, Tq)
                     bias = None if seen is None else bias_of(seen, q.dtype)
                     o, lse_t = tile_attention(
-                        _queries(x, tiles, t), _keys(kb, tiles, t, H), _keys(vb, tiles, t, H), bias, scale
+                        _queries(x, tiles, t), _keys(kb, tiles, t), _keys(vb, tiles, t), bias, scale
                     )  # [n, H, width, hd], [n, H, width]
                     w = tiles.width
                     ok = tiles.valid[t.start * w : t.stop * w]  # [n·width] slots holding a pair
@@ -200,18 +197,17 @@ class PairAttention(torch.autograd.Function):
                     dqt, dkt, dvt = tile_attention_backward(
                         dot,
                         _queries(x, tiles, t),
-                        _keys(kb, tiles, t, H),
-                        _keys(vb, tiles, t, H),
+                        _keys(kb, tiles, t),
+                        _keys(vb, tiles, t),
                         _queries(o, tiles, t),
                         _queries(lse, tiles, t),
                         bias,
                         ctx.scale,
-                    )  # [n, H, width, hd], [n, H, bs, hd] x 2
+                    )  # [n, H, width, hd], [n, Hkv, bs, hd] x 2
                     src = tiles.src[t.start * w : t.stop * w]
                     dq.index_add_(0, src, dqt.transpose(1, 2).flatten(0, 1).to(dq.dtype))
-                    for grad, part in ((dk, dkt), (dv, dvt)):  # sum over the query heads of each key/value head
-                        part = part.unflatten(1, (Hkv, H // Hkv)).sum(2).transpose(1, 2)
-                        grad.index_add_(0, tiles.block[t], part.to(grad.dtype))
+                    dk.index_add_(0, tiles.block[t], dkt.transpose(1, 2).to(dk.dtype))
+                    dv.index_add_(0, tiles.block[t], dvt.transpose(1, 2).to(dv.dtype))
         grads = dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)
         return (*grads, None, None, None, None)
 
