@@ -143,18 +143,25 @@ def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: 
     return bias_of(visible(seen, kpos, qpos), dtype)
 
 
+def _run(rows) -> slice | None:
+    """rows [n] ascending -> the slice they cover when they are consecutive, else None."""
+    if rows.device.type == "meta":
+        return None
+    r0, n = int(rows[0]), len(rows)
+    return slice(r0, r0 + n) if int(rows[-1]) - r0 + 1 == n else None
+
+
 def _take(x4, rows):
     """x4 [N, qbs, H, hd] at rows [n] -> [n, H, qbs, hd] (a view when the rows are consecutive)."""
-    r0, n = int(rows[0]), len(rows)
-    part = x4[r0 : r0 + n] if int(rows[-1]) - r0 + 1 == n else x4.index_select(0, rows)
-    return part.transpose(1, 2)
+    run = _run(rows)
+    return (x4[run] if run else x4.index_select(0, rows)).transpose(1, 2)
 
 
 def _put(x4, rows, t) -> None:
     """x4[rows] = t ([n, H, qbs, hd])."""
-    r0, n = int(rows[0]), len(rows)
-    if int(rows[-1]) - r0 + 1 == n:
-        x4[r0 : r0 + n] = t.transpose(1, 2)
+    run = _run(rows)
+    if run:
+        x4[run] = t.transpose(1, 2)
     else:
         x4.index_copy_(0, rows, t.transpose(1, 2).to(x4.dtype))
 

@@ -75,16 +75,18 @@ def test_sparse_mixer_scales_with_its_budget():
     dense = measure(micro())
     data = batches()
     flops = {b: measure(dhsa(b), data=data) for b in (16, 32, 48)}
-    # each query attends budget + its block's qb keys (q·kᵀ and p·v: 4·d FLOPs per key) instead of T; the
-    # selection scores Q_c·K_cᵀ of every query block against every chunk (head dim hd) add 2·hd·n_chunks·n_blocks
+    # query block i attends its own qb keys and min(budget, i·qb) earlier ones (q·kᵀ and p·v: 4·d FLOPs per key;
+    # the core computes no unused slot) instead of T (dense SDPA is counted in full, causal or not); the selection
+    # scores Q_c·K_cᵀ of every query block against every chunk (head dim hd) add 2·hd·n_chunks·n_blocks
     select = 2 * (D // 2) * (T // 8) * (T // qb) / T
+    keys = lambda b: sum(min(b, i * qb) + qb for i in range(T // qb)) / (T // qb)  # noqa: E731  per query
     for b, f in flops.items():
-        assert f == dense - L * 4 * D * (T - (b + qb)) + L * select
+        assert f == dense - L * 4 * D * (T - keys(b)) + L * select
     assert flops[16] < flops[32] < flops[48] < dense
     trained = {b: measure(dhsa(b), train=True, data=data) for b in (16, 48)}
     assert trained[16] < trained[48] < measure(micro(), train=True, data=data)
-    # budget >= the context: every key, the count of dense attention (plus the selection's scores)
-    assert measure(dhsa(T), data=data) == dense + L * select
+    # budget >= the context: every causal key, i.e. half of dense's full count plus the diagonal blocks
+    assert measure(dhsa(T), data=data) == dense - L * 4 * D * (T - keys(T)) + L * select
 
 
 def test_info_measure_prints_both_counts(tmp_path, cache_dir, capsys):
