@@ -1,14 +1,15 @@
 """Block-sparse attention by query blocks, forward and backward, with about the memory of K and V themselves.
 
 Each query block attends, in one tile, to the key blocks it selected: those blocks are gathered (a copy of only
-the selected rows of K and V, made a few query blocks at a time so that it stays under half the size of K) and
+the selected rows of K and V, made a few query blocks at a time so that it is never larger than K and V) and
 the tile runs through ``tiles.tile_attention``, PyTorch's fused flash-attention kernel on CPU, which reads q in
 place and handles grouped-query heads itself. The query blocks are first sorted into kinds by the mask their tile
 needs (``plan``), so that the common cases build no mask at all:
 
-* ``none``: every slot used and, under a causal mask, every selected key before the block's first query;
-* ``diagonal`` (causal): the same, except that the last slots are the block's own keys in order (blocks of keys
-  tile the query block): one triangular mask, shared by every query block of the kind;
+* ``none``: no masked key and, under a causal mask, every selected key before the block's first query (the
+  tiles group query blocks that selected the same number of blocks, so that no slot is left unused);
+* ``diagonal`` (causal): the same, except that the last selected blocks are the block's own keys in order (key
+  blocks tile the query block): one triangular mask, shared by every query block with as many blocks;
 * ``keys``: a per-key mask (unused slots, padded or ``key_mask``-ed keys), shared by the rows of a tile;
 * ``full``: a per-(query, key) mask (a per-token mask, selections that fit neither pattern above).
 
