@@ -1,7 +1,7 @@
 """Block-sparse attention by query blocks, forward and backward, with about the memory of K and V themselves.
 
 Each query block attends, in one tile, to the key blocks it selected: those blocks are gathered (a copy of only
-the selected rows of K and V, made a few query blocks at a time so that it is never larger than K and V) and
+the selected rows of K and V, made a few query blocks at a time so that it stays under half the size of K) and
 the tile runs through ``tiles.tile_attention``, PyTorch's fused flash-attention kernel on CPU, which reads q in
 place and handles grouped-query heads itself. The query blocks are first sorted into kinds by the mask their tile
 needs (``plan``), so that the common cases build no mask at all:
@@ -103,11 +103,11 @@ def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, k
 
 
 def tiles_of(part: Rows, n_keys: int, bs: int):
-    """Tiles of a few query blocks each, their gathered keys at most as many as the ``n_keys`` keys (a copy of K
-    and V no larger than K and V), their slots trimmed to the most any of their blocks uses -> (rows [n],
-    blocks [n, S'], used [n, S'], token_mask [n, qbs, S'] or None)."""
+    """Tiles of a few query blocks each, their gathered keys at most half of the ``n_keys`` keys (the backward
+    pass holds four such copies: K, V and their gradients), their slots trimmed to the most any of their blocks
+    uses -> (rows [n], blocks [n, S'], used [n, S'], token_mask [n, qbs, S'] or None)."""
     S = part.blocks.shape[1]
-    step = max(1, n_keys // (S * bs))
+    step = max(1, n_keys // (2 * S * bs))
     for r0 in range(0, len(part.rows), step):
         sl = slice(r0, r0 + step)
         rows, blocks, used = part.rows[sl], part.blocks[sl], part.used[sl]
