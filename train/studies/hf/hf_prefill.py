@@ -105,11 +105,9 @@ def end_to_end(model, ids: torch.Tensor, spec: dict, rounds: int, layers: list[i
 
 
 @torch.no_grad()
-def prefill_peak_mib(gguf: str, tokens: int, spec: dict | None, threads: int) -> float:
+def prefill_peak_mib(gguf: str, tokens: int, spec: dict | None) -> float:
     """MiB of peak memory of one prefill above the loaded model, the original (``spec`` None) or with ``spec``
-    swapped in; meant for a fresh process (``in_fresh_process``, which sets ``MALLOC_ENV``)."""
-    if threads:
-        torch.set_num_threads(threads)
+    swapped in; meant for a fresh process (``in_fresh_process``, which sets ``MALLOC_ENV`` and the threads)."""
     model, tokenizer = load_gguf(Path(gguf))
     ids = prompt(tokenizer, tokens)
     if spec is not None:
