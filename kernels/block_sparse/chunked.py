@@ -103,7 +103,7 @@ def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, k
 
 
 def tiles_of(part: Rows, n_keys: int, bs: int):
-    """Tiles of a few query blocks each, their gathered keys at most half of the ``n_keys`` keys (the backward
+    """Tiles of a few query blocks each, their gathered keys at most half of the ``n_keys`` keys of K (the backward
     pass holds four such copies: K, V and their gradients), their slots trimmed to the most any of their blocks
     uses -> (rows [n], blocks [n, S'], used [n, S'], token_mask [n, qbs, S'] or None)."""
     S = part.blocks.shape[1]
@@ -189,7 +189,7 @@ class BlockSparseAttention(torch.autograd.Function):
         q4, kb, vb = q.view(B * nqb, qbs, H, hd), k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
         diagonal = {}
         for part in parts:
-            for rows, blocks, used, tm in tiles_of(part, nkb * bs, bs):
+            for rows, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, diagonal)
                 _, kg = _gather(kb, blocks, nkb, rows, nqb)
                 _, vg = _gather(vb, blocks, nkb, rows, nqb)
@@ -214,7 +214,7 @@ class BlockSparseAttention(torch.autograd.Function):
         dv = torch.zeros_like(dk)
         diagonal = {}
         for part in ctx.parts:
-            for rows, blocks, used, tm in tiles_of(part, nkb * bs, bs):
+            for rows, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, diagonal)
                 flat, kg = _gather(kb, blocks, nkb, rows, nqb)
                 _, vg = _gather(vb, blocks, nkb, rows, nqb)
