@@ -14,15 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
+MICRO = {  # a model and batches small enough for a test: 2 layers, d 32, T 32, batch 4
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 2,
+    "model.max_seq_len": 32,
+    "data.batch_size": 4,
+    "data.val_batches": 2,
+}
+
+
 def micro_overrides(tmp_path: Path, cache_dir: Path, **extra) -> list[str]:
-    """A model and run small enough for a test: 2 layers, d 32, T 32, batch 4."""
+    """``MICRO`` as a run: 6 steps, validation and checkpoints every 3, outputs under tmp_path."""
     base = {
-        "model.d_model": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "model.max_seq_len": 32,
-        "data.batch_size": 4,
-        "data.val_batches": 2,
+        **MICRO,
         "data.cache_dir": str(cache_dir),
         "trainer.max_steps": 6,
         "trainer.log_every": 1,

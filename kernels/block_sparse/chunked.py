@@ -105,7 +105,8 @@ def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, k
 def tiles_of(part: Rows, n_keys: int, bs: int):
     """Tiles of a few query blocks each, their gathered keys at most half of the ``n_keys`` keys of K (the backward
     pass holds four such copies: K, V and their gradients), their slots trimmed to the most any of their blocks
-    uses -> (rows [n], blocks [n, S'], used [n, S'], token_mask [n, qbs, S'] or None)."""
+    uses -> (rows [n], the slice they cover when consecutive (else None), blocks [n, S'], used [n, S'], token_mask
+    [n, qbs, S'] or None)."""
     S = part.blocks.shape[1]
     step = max(1, n_keys // (2 * S * bs))
     for r0 in range(0, len(part.rows), step):
@@ -115,7 +116,7 @@ def tiles_of(part: Rows, n_keys: int, bs: int):
         if part.kind in ("keys", "full") and rows.device.type != "meta":
             s = int(used.sum(-1).max())
             blocks, used, tm = blocks[:, :s], used[:, :s], None if tm is None else tm[..., :s]
-        yield rows, blocks, used, tm
+        yield rows, _run(rows), blocks, used, tm
 
 
 def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, cache):
@@ -152,15 +153,13 @@ def _run(rows) -> slice | None:
     return slice(r0, r0 + n) if int(rows[-1]) - r0 + 1 == n else None
 
 
-def _take(x4, rows):
-    """x4 [N, qbs, H, hd] at rows [n] -> [n, H, qbs, hd] (a view when the rows are consecutive)."""
-    run = _run(rows)
+def _take(x4, rows, run):
+    """x4 [N, qbs, H, hd] at rows [n] -> [n, H, qbs, hd] (a view when the rows are consecutive: ``run``)."""
     return (x4[run] if run else x4.index_select(0, rows)).transpose(1, 2)
 
 
-def _put(x4, rows, t) -> None:
-    """x4[rows] = t ([n, H, qbs, hd])."""
-    run = _run(rows)
+def _put(x4, rows, run, t) -> None:
+    """x4[rows] = t ([n, H, qbs, hd]); ``run``: the slice the rows cover, if consecutive."""
     if run:
         x4[run] = t.transpose(1, 2)
     else:
@@ -189,12 +188,12 @@ class BlockSparseAttention(torch.autograd.Function):
         q4, kb, vb = q.view(B * nqb, qbs, H, hd), k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
         diagonal = {}
         for part in parts:
-            for rows, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
+            for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, diagonal)
                 _, kg = _gather(kb, blocks, nkb, rows, nqb)
                 _, vg = _gather(vb, blocks, nkb, rows, nqb)
-                o, lse_t = tile_attention(_take(q4, rows), kg, vg, mask, scale)  # [n, H, qbs, hd], [n, H, qbs]
-                _put(out, rows, o)
+                o, lse_t = tile_attention(_take(q4, rows, run), kg, vg, mask, scale)  # [n, H, qbs, hd], [n, H, qbs]
+                _put(out, rows, run, o)
                 lse[rows] = torch.where(torch.isfinite(lse_t), lse_t, 0.0)  # a row that sees no key: any value
         out = out.view(B, Tq, H, hd)
         ctx.save_for_backward(q, k, v, out, lse, key_ok)
@@ -214,14 +213,21 @@ class BlockSparseAttention(torch.autograd.Function):
         dv = torch.zeros_like(dk)
         diagonal = {}
         for part in ctx.parts:
-            for rows, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
+            for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, diagonal)
                 flat, kg = _gather(kb, blocks, nkb, rows, nqb)
                 _, vg = _gather(vb, blocks, nkb, rows, nqb)
                 dqt, dkt, dvt = tile_attention_backward(
-                    _take(do4, rows), _take(q4, rows), kg, vg, _take(o4, rows), lse[rows], mask, ctx.scale
+                    _take(do4, rows, run),
+                    _take(q4, rows, run),
+                    kg,
+                    vg,
+                    _take(o4, rows, run),
+                    lse[rows],
+                    mask,
+                    ctx.scale,
                 )
-                _put(dq, rows, dqt)
+                _put(dq, rows, run, dqt)
                 n, S = blocks.shape
                 dk.index_add_(0, flat, dkt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dk.dtype))
                 dv.index_add_(0, flat, dvt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dv.dtype))

@@ -20,7 +20,7 @@ from train.studies.compare.report import markdown, summarise
 from train.studies.compare.runner import plan_arm, slug, steps_for, val_curve
 from train.studies.compare.sweep import load_sweep
 
-from ....conftest import CONFIGS, ROOT
+from ....conftest import CONFIGS, MICRO, ROOT
 
 TINY = str(CONFIGS / "lm/gpt-tiny.yaml")
 
@@ -41,12 +41,7 @@ def write_sweep(path: Path, corpus: Path, arms: dict, budget: dict, **extra) -> 
     sweep = {
         "base": TINY,
         "overrides": {
-            "model.d_model": 32,
-            "model.n_layers": 2,
-            "model.n_heads": 2,
-            "model.max_seq_len": 32,
-            "data.batch_size": 4,
-            "data.val_batches": 2,
+            **MICRO,
             "data.cache_dir": str(corpus / "cache"),
             "data.source": {
                 "type": "text",
