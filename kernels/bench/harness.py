@@ -5,7 +5,8 @@ functions, so that "ms", "peak MiB" and "ratio" mean the same thing in every tab
 
 * time: the median of ``rounds`` calls after ``warmup`` untimed calls, CUDA synchronised; several
   implementations are timed *interleaved* (one call of each in turn), so that load on a shared machine hits
-  all of them alike and their ratio stays meaningful;
+  all of them alike and their ratio stays meaningful; with the allocator as users run it (the memory
+  processes' lowered mmap threshold would charge page faults to whichever path allocates most);
 * peak memory: measured in a fresh Python process per cell (``in_fresh_process``), above what the inputs
   already hold: on CUDA the allocator's peak, on CPU the peak resident set size (reset through
   ``/proc/self/clear_refs``) with glibc's mmap threshold lowered so that freed buffers leave the RSS;
@@ -136,16 +137,18 @@ class PeakMemory:
             self._thread.join()
 
 
-def in_fresh_process(target: str, *args: Any, threads: int = 0, low_mmap_threshold: bool = True) -> Any:
+def in_fresh_process(target: str, *args: Any, threads: int = 0, for_memory: bool = False) -> Any:
     """Run ``target(*args)`` (``"package.module:function"``, JSON-serialisable arguments and result) in a new
     Python process with ``threads`` torch threads (0: torch's default), OpenMP threads waiting passively, and
-    return its result."""
+    return its result. ``for_memory``: start it with ``MALLOC_ENV``, for ``peak_memory`` only: under that
+    allocator every mid-sized buffer is a fresh mapping whose page faults are charged to the code that allocates
+    most, so a process that times must not use it."""
     module, fn = target.split(":")
     code = (
         f"import json, torch; torch.set_num_threads({int(threads)} or torch.get_num_threads()); "
         f"from {module} import {fn}; print('@@result ' + json.dumps({fn}(*json.loads({json.dumps(args)!r}))))"
     )
-    env = {**os.environ, **THREAD_ENV, **(MALLOC_ENV if low_mmap_threshold else {})}
+    env = {**os.environ, **THREAD_ENV, **(MALLOC_ENV if for_memory else {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("@@result ")]
     if out.returncode or not lines:

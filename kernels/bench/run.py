@@ -66,7 +66,8 @@ def memory_cell(module: str, name: str, size: dict, impl: str, mode: str, device
 
 def _fresh(target: str, *args: Any, threads: int) -> tuple[Any, str | None]:
     try:
-        return harness.in_fresh_process(f"kernels.bench.run:{target}", *args, threads=threads), None
+        memory = target == "memory_cell"
+        return harness.in_fresh_process(f"kernels.bench.run:{target}", *args, threads=threads, for_memory=memory), None
     except RuntimeError as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
         return None, lines[-1][:200] if lines else "failed"

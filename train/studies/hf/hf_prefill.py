@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  end to end: seconds {json.dumps(r['time'])}", flush=True)
     target = "train.studies.hf.hf_prefill:prefill_peak_mib"
     r["peak_mib"] = {
-        n: in_fresh_process(target, str(path), args.tokens, s, threads=args.threads)
+        n: in_fresh_process(target, str(path), args.tokens, s, threads=args.threads, for_memory=True)
         for n, s in (("dense", None), ("dhsa", spec))
     }
     print(f"  peak MiB (fresh processes): {json.dumps(r['peak_mib'])}", flush=True)

