@@ -12,11 +12,14 @@ functions, so that "ms", "peak MiB" and "ratio" mean the same thing in every tab
   ``/proc/self/clear_refs``) with glibc's mmap threshold lowered so that freed buffers leave the RSS;
 * the matmul rate: FLOP/s of a large square matmul measured here, printed with every table so a reader can
   tell how fast the machine was (and MFU can be computed against it);
-* threads: the fresh processes wait for work passively (``OMP_WAIT_POLICY=PASSIVE``). On a CPU shared with
-  other jobs, OpenMP's default spin-waiting makes every parallel op wait for a partner thread that the
-  scheduler has put aside: with 2 threads on a 2-core machine under a load of ~20, the block-sparse core (a few
-  hundred ops) took tens of times longer than with passive waiting, while dense SDPA (one op) barely changed.
-  The measurement would show the scheduler, not the code. (``--clock cpu`` goes further: CPU time, not wall.)
+* threads: the fresh processes inherit this one's environment, OpenMP's wait policy included, and every table
+  names the policy it ran under (``machine``). OpenMP's default lets an idle thread spin a while before it
+  sleeps, which is what users get and what an idle machine should be measured with: under
+  ``OMP_WAIT_POLICY=PASSIVE`` every parallel op wakes sleeping threads, which costs the paths made of many small
+  ops (the block-sparse tiles: ~25% at 4k with 2 threads) and not dense SDPA (one op). On a CPU shared with other
+  jobs, export ``OMP_WAIT_POLICY=PASSIVE`` before measuring: there spin-waiting makes every parallel op wait for
+  a partner thread the scheduler has put aside (tens of times slower under a load of ~20), and the table shows
+  the scheduler, not the code. (``--clock cpu`` goes further: CPU time, not wall.)
 
 This module imports only torch (``kernels`` may not import ``arch`` or ``train``).
 """
@@ -36,7 +39,6 @@ from typing import Any
 import torch
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # every allocation > 64 KiB its own mmap: RSS follows live memory
-THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep instead of spinning (see above)
 
 
 def sync(device: str | torch.device) -> None:
@@ -139,8 +141,8 @@ class PeakMemory:
 
 def in_fresh_process(target: str, *args: Any, threads: int = 0, for_memory: bool = False) -> Any:
     """Run ``target(*args)`` (``"package.module:function"``, JSON-serialisable arguments and result) in a new
-    Python process with ``threads`` torch threads (0: torch's default), OpenMP threads waiting passively, and
-    return its result. ``for_memory``: start it with ``MALLOC_ENV``, for ``peak_memory`` only: under that
+    Python process with ``threads`` torch threads (0: torch's default) and this process's environment, and return
+    its result. ``for_memory``: start it with ``MALLOC_ENV``, for ``peak_memory`` only: under that
     allocator every mid-sized buffer is a fresh mapping whose page faults are charged to the code that allocates
     most, so a process that times must not use it."""
     module, fn = target.split(":")
@@ -148,7 +150,7 @@ def in_fresh_process(target: str, *args: Any, threads: int = 0, for_memory: bool
         f"import json, torch; torch.set_num_threads({int(threads)} or torch.get_num_threads()); "
         f"from {module} import {fn}; print('@@result ' + json.dumps({fn}(*json.loads({json.dumps(args)!r}))))"
     )
-    env = {**os.environ, **THREAD_ENV, **(MALLOC_ENV if for_memory else {})}
+    env = {**os.environ, **(MALLOC_ENV if for_memory else {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("@@result ")]
     if out.returncode or not lines:
@@ -173,14 +175,18 @@ def matmul_rate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 
 
 def machine(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, rate: float | None = None) -> str:
-    """One line naming the machine a table was measured on: device, threads (CPU: cores and load average, i.e.
-    how many jobs shared them), measured matmul rate."""
+    """One line naming the machine a table was measured on: device, threads (CPU: cores, load average, i.e. how
+    many jobs shared them, and OpenMP's wait policy), measured matmul rate."""
     device = torch.device(device)
     rate = matmul_rate(device, dtype) if rate is None else rate
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} threads"
+        policy = os.environ.get("OMP_WAIT_POLICY", "default")
+        name = (
+            f"CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} threads"
+            f" (OpenMP wait policy: {policy})"
+        )
     return f"{name}; measured matmul rate {rate / 1e9:.1f} GFLOP/s ({str(dtype).removeprefix('torch.')})"
 
 

@@ -18,8 +18,8 @@ The prompt: the first ``--tokens`` tokens of the held-out plays (``hf_swap.heldo
   ``MALLOC_ENV``: every allocation over 64 KiB is its own mapping, so freed buffers leave the RSS), the peak RSS
   above the loaded model (``peak_memory``). Not in the timing process: there, that allocator setting would make
   every mid-sized allocation a fresh mapping and charge its page faults to the path that allocates most (the
-  block-sparse tiles: 2x slower attention measured that way). The command restarts itself with ``THREAD_ENV``
-  (idle OpenMP threads sleep: see the harness) when started without it.
+  block-sparse tiles: 2x slower attention measured that way). OpenMP's wait policy is the environment's (the
+  harness explains when to export ``OMP_WAIT_POLICY=PASSIVE``); the machine line names it.
 
 The issue's targets: end to end <= 0.65x dense, attention alone <= 0.35x dense SDPA.
 """
@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -41,7 +39,6 @@ from arch.interop.swap import decoder_layers
 from arch.io import atomic_write
 from arch.registry import ConfigError
 from kernels.bench.harness import (
-    THREAD_ENV,
     fmt,
     in_fresh_process,
     machine,
@@ -171,8 +168,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if any(os.environ.get(k) != v for k, v in THREAD_ENV.items()):  # OpenMP reads it at start: start again
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **THREAD_ENV})
     spec = dhsa_spec(args)
     if args.rounds < 1 or args.attn_rounds < 1:
         raise ConfigError("--rounds and --attn-rounds: must be >= 1")
