@@ -44,7 +44,9 @@ def tile_attention(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Ten
     """softmax(q kᵀ · scale + bias) v per tile -> (o [n, h, L, hd] in q's dtype, lse [n, h, L] in float32 or
     wider)."""
     if q.device.type == "cpu":
-        return _FORWARD(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        rep = q.shape[1] // k.shape[1]
+        o, lse = _FORWARD(stack_heads(q, rep), k, v, 0.0, False, attn_mask=_stack_bias(bias, rep), scale=scale)[:2]
+        return unstack_heads(o, rep), unstack_heads(lse, rep)
     return plain_attention(q, k, v, bias, scale)
 
 
@@ -52,8 +54,40 @@ def tile_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
     """dq, dk, dv of one tile batch, from the final output ``out`` and ``lse`` of its rows ([n, h, L, hd] and
     [n, h, L]; lse finite: for a row that sees no key of the tile any value, it contributes nothing)."""
     if q.device.type == "cpu":
-        return _BACKWARD(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+        rep = q.shape[1] // k.shape[1]
+        dout, q, out, lse = (stack_heads(x, rep) for x in (dout, q, out, lse))
+        dq, dk, dv = _BACKWARD(dout, q, k, v, out, lse, 0.0, False, attn_mask=_stack_bias(bias, rep), scale=scale)
+        return unstack_heads(dq, rep), dk, dv
     return plain_attention_backward(dout, q, k, v, out, lse, bias, scale)
+
+
+def stack_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """The ``rep`` query heads that share a key/value head as the rows of one head: x [n, h, L, ...] (per query
+    head i, query t) -> [n, h / rep, L·rep, ...], row t·rep + j = query t of head (i // rep)·rep + j (a copy;
+    x itself when rep is 1). The fused CPU kernel splits a tile's rows into blocks of 32 below 192 rows and of 64
+    from 192 on (``FlashAttentionKernel.cpp``): 64 queries × 3 heads run ~1.2× faster as 192 rows of one head."""
+    if rep == 1:
+        return x
+    n, h, L = x.shape[:3]
+    return x.unflatten(1, (h // rep, rep)).transpose(2, 3).reshape(n, h // rep, L * rep, *x.shape[3:])
+
+
+def unstack_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """The inverse of ``stack_heads``: [n, hkv, L·rep, ...] -> [n, hkv·rep, L, ...]."""
+    if rep == 1:
+        return x
+    n, hkv, R = x.shape[:3]
+    return x.unflatten(2, (R // rep, rep)).transpose(2, 3).reshape(n, hkv * rep, R // rep, *x.shape[3:])
+
+
+def _stack_bias(bias: torch.Tensor | None, rep: int) -> torch.Tensor | None:
+    """A bias broadcastable to [n, 1, L, S] for the rows of ``stack_heads`` (each query's row repeated ``rep``
+    times; a bias expanded over tiles is stacked once and expanded again)."""
+    if bias is None or rep == 1 or bias.shape[2] == 1:
+        return bias
+    if bias.shape[0] > 1 and bias.stride(0) == 0:
+        return bias[:1].repeat_interleave(rep, 2).expand(bias.shape[0], -1, -1, -1)
+    return bias.repeat_interleave(rep, 2)
 
 
 def plain_attention(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
