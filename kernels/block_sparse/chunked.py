@@ -2,8 +2,9 @@
 
 Each query block attends, in one tile, to the key blocks it selected: those blocks are gathered (a copy of only
 the selected rows of K and V, made a few query blocks at a time so that it stays under half the size of K) and
-the tile runs through ``tiles.tile_attention``, PyTorch's fused flash-attention kernel on CPU, which reads q in
-place and handles grouped-query heads itself. The query blocks are first sorted into kinds by the mask their tile
+the tile runs through ``tiles.tile_attention``, PyTorch's fused flash-attention kernel on CPU (q read in place
+with one key/value head per query head, else the query heads of a group stacked as the rows of their key/value
+head, never K or V repeated). The query blocks are first sorted into kinds by the mask their tile
 needs (``plan``), so that the common cases build no mask at all:
 
 * ``none``: no masked key and, under a causal mask, every selected key before the block's first query (the

@@ -17,8 +17,10 @@ from kernels.block_sparse.naive import dense_mask, gather_attention, reference_a
 from kernels.block_sparse.tiles import (
     plain_attention,
     plain_attention_backward,
+    stack_heads,
     tile_attention,
     tile_attention_backward,
+    unstack_heads,
 )
 from kernels.common import poisoned_outputs
 
@@ -150,20 +152,25 @@ def test_torch_path_keeps_for_backward_only_inputs_output_and_row_statistics(q_b
     assert sum(saved) >= tensors  # the hook saw the saved tensors (the test is not vacuous)
 
 
-def test_tile_attention_fused_and_plain_match_a_float64_reference():
-    """The two tile implementations (PyTorch's fused CPU kernel, plain matmuls) against autograd on a float64
-    transcription: output, log-sum-exp of the rows that see a key, and dq, dk, dv from the final output and
-    log-sum-exp; some rows see no key."""
+@pytest.mark.parametrize("h, hkv, shared_bias", [(2, 2, False), (6, 2, False), (6, 2, True)])
+def test_tile_attention_fused_and_plain_match_a_float64_reference(h, hkv, shared_bias):
+    """The two tile implementations (PyTorch's fused CPU kernel, with grouped-query heads stacked as rows; plain
+    matmuls) against autograd on a float64 transcription: output, log-sum-exp of the rows that see a key, and
+    dq, dk, dv from the final output and log-sum-exp; some rows see no key; the bias per tile or one bias
+    expanded over the tiles (as the diagonal masks are)."""
     g = torch.Generator().manual_seed(10)
-    n, h, L, S, hd, scale = 3, 2, 7, 11, 8, 0.4
-    q, k, v = (torch.randn(n, h, m, hd, generator=g, dtype=torch.float64) for m in (L, S, S))
-    seen = torch.rand(n, 1, L, S, generator=g) < 0.6
+    n, L, S, hd, scale = 3, 7, 11, 8, 0.4
+    q = torch.randn(n, h, L, hd, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(n, hkv, S, hd, generator=g, dtype=torch.float64) for _ in "kv")
+    seen = torch.rand(1 if shared_bias else n, 1, L, S, generator=g) < 0.6
     seen[0, 0, 2] = False  # a row that sees nothing
-    bias = torch.zeros(n, 1, L, S, dtype=torch.float64).masked_fill(~seen, float("-inf"))
+    seen = seen.expand(n, 1, L, S)
+    bias = torch.zeros(seen.shape[0], 1, L, S, dtype=torch.float64).masked_fill(~seen, float("-inf"))
+    bias = bias[:1].expand(n, 1, L, S) if shared_bias else bias
     q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
-    s = (q64 @ k64.transpose(-1, -2)) * scale + bias
+    s = (q64 @ k64.repeat_interleave(h // hkv, 1).transpose(-1, -2)) * scale + bias  # head i reads kv head i // rep
     row = seen.any(-1).expand(n, h, L)
-    ref = (torch.softmax(s.masked_fill(~row[..., None], 0.0), -1) * row[..., None]) @ v64  # empty row: 0
+    ref = (torch.softmax(s.masked_fill(~row[..., None], 0.0), -1) * row[..., None]) @ v64.repeat_interleave(h // hkv, 1)
     ref_lse = torch.logsumexp(s.detach(), -1)
     dout = torch.randn(n, h, L, hd, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
@@ -174,6 +181,20 @@ def test_tile_attention_fused_and_plain_match_a_float64_reference():
         torch.testing.assert_close(got_lse[row], ref_lse[row])
         for a, b in zip(backward(dout, q, k, v, ref.detach(), lse, bias, scale), ref_grads):
             torch.testing.assert_close(a, b)
+
+
+def test_stack_heads_puts_each_query_of_a_group_on_consecutive_rows():
+    """Row t·rep + j of a stacked key/value head is query t of its j-th query head; unstack inverts it."""
+    n, h, L, hd, rep = 2, 6, 5, 3, 3
+    x = torch.randn(n, h, L, hd)
+    stacked = stack_heads(x, rep)  # [n, h / rep, L·rep, hd]
+    assert stacked.shape == (n, h // rep, L * rep, hd)
+    for kv in range(h // rep):
+        for t in range(L):
+            for j in range(rep):
+                assert torch.equal(stacked[:, kv, t * rep + j], x[:, kv * rep + j, t])
+    assert torch.equal(unstack_heads(stacked, rep), x)
+    assert torch.equal(unstack_heads(stack_heads(x[..., 0], rep), rep), x[..., 0])  # row statistics [n, h, L]
 
 
 def test_some_rows_select_no_block():
