@@ -2,7 +2,7 @@
 
     python -m train hf-prefill [--tokens 8192] [--budget 1024] [--mode causal] [--n-init 64] [--n-recent 64]
         [--rounds 1] [--attn-layers 0 15 29] [--attn-rounds 3] [--gguf FILE] [--threads N]
-        [--out FILE.json]
+        [--out FILE.json] [--profile]
 
 The prompt: the first ``--tokens`` tokens of the held-out plays (``hf_swap.heldout_ids``). Measured through
 ``kernels.bench.harness`` (the repo's one timing and memory harness):
@@ -20,6 +20,10 @@ The prompt: the first ``--tokens`` tokens of the held-out plays (``hf_swap.heldo
   every mid-sized allocation a fresh mapping and charge its page faults to the path that allocates most (the
   block-sparse tiles: 2x slower attention measured that way). OpenMP's wait policy is the environment's (the
   harness explains when to export ``OMP_WAIT_POLICY=PASSIVE``); the machine line names it.
+
+Also printed: the causal (query, key) pairs the selection keeps ÷ all causal pairs on the same layers (the
+attention-alone ratio at dense SDPA's throughput) and, with ``--profile``, torch.profiler's top ops of one DHSA
+prefill.
 
 The issue's targets: end to end <= 0.65x dense, attention alone <= 0.35x dense SDPA.
 """
@@ -132,6 +136,43 @@ def attention_alone(model, inputs: dict[int, tuple], spec: dict, rounds: int) ->
     return total
 
 
+@torch.no_grad()
+def profile_table(model, ids: torch.Tensor, spec: dict, rows: int = 15) -> str:
+    """torch.profiler's ops of one prefill with ``spec`` swapped in, by self CPU time (where the time goes)."""
+    from torch.profiler import profile
+
+    swap_attention(model, spec)
+    try:
+        with profile() as prof:
+            prefill(model, ids)
+    finally:
+        restore(model)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+@torch.no_grad()
+def selected_pairs(model, inputs: dict[int, tuple], spec: dict) -> float:
+    """The causal (query, key) pairs DHSA's selection keeps ÷ all causal pairs, over the recorded layers: the
+    attention-alone ratio it would reach at dense SDPA's throughput (1.0 when the budget covers the context)."""
+    kept = total = 0.0
+    for i, (hidden, pos) in inputs.items():
+        swap_attention(model, spec, layers=[i])
+        try:
+            attn: SwappedAttention = decoder_layers(model)[i].self_attn
+            q, k, _ = (x.transpose(1, 2) for x in attn.project(hidden, pos))  # [1, T, h, hd]
+            kv = attn.mixer.select(q, k)  # [B, nb, S] key positions of each query block, -1 padded
+            B, T = q.shape[:2]
+            qb = attn.mixer.query_block
+            i0 = torch.arange(kv.shape[1])[:, None] * qb  # [nb, 1]
+            i1 = (i0 + qb).clamp_max(T)
+            seen = (i1 - torch.maximum(kv, i0)).clamp(0, qb)  # queries of the block at or after each key
+            kept += float(torch.where(kv >= 0, seen, 0).sum())
+            total += B * T * (T + 1) / 2
+        finally:
+            restore(model)
+    return kept / total
+
+
 def format_table(r: dict) -> str:
     rows = []
     for label, d, s, target in (
@@ -146,6 +187,9 @@ def format_table(r: dict) -> str:
         rows.append(
             [label, fmt(d, 3), fmt(s, 3), fmt(s / d, 3), f"<= {target}: {'met' if s / d <= target else 'NOT met'}"]
         )
+    if r.get("selected_pairs") is not None:
+        label = "selected causal (query, key) pairs / all, same layers (attention alone at equal throughput)"
+        rows.append([label, "-", "-", fmt(r["selected_pairs"], 3), "-"])
     if r.get("peak_mib"):
         d, s = r["peak_mib"]["dense"], r["peak_mib"]["dhsa"]
         label = "peak memory of one prefill above the model (MiB, fresh processes)"
@@ -165,6 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn-rounds", type=int, default=3, help="interleaved rounds of the attention timing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print torch.profiler's top ops of one DHSA prefill"
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -191,7 +238,10 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  peak MiB (fresh processes): {json.dumps(r['peak_mib'])}", flush=True)
     r["attention"] = attention_alone(model, inputs, spec, args.attn_rounds)
     print(f"  attention alone: {json.dumps(r['attention'])}", flush=True)
+    r["selected_pairs"] = selected_pairs(model, inputs, spec)
     print(format_table(r))
+    if args.profile:
+        print(profile_table(model, ids, spec))
     if args.out:
         atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(r, indent=1)))
         print(f"wrote {args.out}")

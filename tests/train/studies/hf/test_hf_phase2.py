@@ -14,7 +14,7 @@ from arch import ConfigError
 from arch.duo import BIG, SMALL
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
-from arch.interop import swap_mlp  # noqa: E402
+from arch.interop import SwappedAttention, swap_mlp  # noqa: E402
 from arch.interop.swap import decoder_layers  # noqa: E402
 from kernels.bench.harness import in_fresh_process  # noqa: E402
 from train.data import ByteTokenizer  # noqa: E402
@@ -92,6 +92,11 @@ def test_prefill_records_attention_inputs_that_reproduce_the_layer():
         {"time": times, "attention": alone, "attn_layers": [1], "peak_mib": {"dense": 2.0, "dhsa": 1.0}}
     )
     assert "end to end prefill" in table and "attention alone, layers 1" in table and "| 0.500 |" in table
+    kept = hf_prefill.selected_pairs(model, inputs, spec)  # budget 64 of 200 tokens: a part of the causal pairs
+    everything = hf_prefill.selected_pairs(model, inputs, {**spec, "budget": 256})  # the budget covers the context
+    assert 0.2 < kept < 0.8 and everything == 1.0
+    assert not isinstance(decoder_layers(model)[1].self_attn, SwappedAttention)  # restored
+    assert "aten::" in hf_prefill.profile_table(model, ids, spec, rows=5)
 
 
 def test_prefill_peak_memory_is_measured_in_a_fresh_process():
