@@ -8,8 +8,8 @@ keys may be split over any number of tiles and their gradients summed, with noth
 
 On CPU both passes run PyTorch's fused flash-attention kernel: ``aten::_scaled_dot_product_flash_attention_for_cpu``
 and its backward, the kernel behind ``F.scaled_dot_product_attention`` on CPU, called directly because the public
-call returns no log-sum-exp, with grouped-query heads stacked as rows (``stack_heads``). Elsewhere (CUDA tensors under ``impl="torch"``, the meta device of FLOP counting)
-the same arithmetic runs in plain matmuls.
+call returns no log-sum-exp, with grouped-query heads stacked as rows (``stack_heads``). Elsewhere (CUDA tensors
+under ``impl="torch"``, the meta device of FLOP counting) the same arithmetic runs in plain matmuls.
 
 Shapes: q [n, h, L, hd]; k, v [n, hkv, S, hd] with h a multiple of hkv (grouped-query heads: query head i reads
 key/value head i // (h / hkv)); any strides; bias in q's dtype, broadcastable to [n, 1, L, S], 0 = visible and
