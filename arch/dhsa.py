@@ -158,7 +158,7 @@ def block_sums(x: torch.Tensor, size: int, n: int, shift: int) -> torch.Tensor:
 
 def prefix_sums(x: torch.Tensor) -> torch.Tensor:
     """[B, T, C] -> [B, T+1, C] float64, P[:, j] = sum of x[:, :j] (decoding's running sums, built at once; the
-    scan runs along the last dimension, 2x faster on CPU than along T and the same additions in the same order)."""
+    scan runs along the last dimension, faster on CPU than along T, with the same additions in the same order)."""
     return F.pad(x.double().transpose(1, 2).cumsum(-1).transpose(1, 2), (0, 0, 1, 0))
 
 
