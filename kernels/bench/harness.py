@@ -16,10 +16,11 @@ functions, so that "ms", "peak MiB" and "ratio" mean the same thing in every tab
   names the policy it ran under (``machine``). OpenMP's default lets an idle thread spin a while before it
   sleeps, which is what users get and what an idle machine should be measured with: under
   ``OMP_WAIT_POLICY=PASSIVE`` every parallel op wakes sleeping threads, which costs the paths made of many small
-  ops (the block-sparse tiles: ~25% at 4k with 2 threads) and not dense SDPA (one op). On a CPU shared with other
-  jobs, export ``OMP_WAIT_POLICY=PASSIVE`` before measuring: there spin-waiting makes every parallel op wait for
-  a partner thread the scheduler has put aside (tens of times slower under a load of ~20), and the table shows
-  the scheduler, not the code. (``--clock cpu`` goes further: CPU time, not wall.)
+  ops and not dense SDPA (one op): ``train bench sparse-train --threads 2`` at 4k printed 1.03-1.34x dense's step
+  time for the sparse mixers under PASSIVE and 0.88-0.91x under the default, same code, idle machine. On a CPU
+  shared with other jobs, export ``OMP_WAIT_POLICY=PASSIVE`` before measuring: there spin-waiting makes every
+  parallel op wait for a partner thread the scheduler has put aside (tens of times slower under a load of ~20),
+  and the table shows the scheduler, not the code. (``--clock cpu`` goes further: CPU time, not wall.)
 
 This module imports only torch (``kernels`` may not import ``arch`` or ``train``).
 """

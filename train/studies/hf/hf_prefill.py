@@ -108,7 +108,7 @@ def end_to_end(model, ids: torch.Tensor, spec: dict, rounds: int, layers: list[i
 @torch.no_grad()
 def prefill_peak_mib(gguf: str, tokens: int, spec: dict | None) -> float:
     """MiB of peak memory of one prefill above the loaded model, the original (``spec`` None) or with ``spec``
-    swapped in; meant for a fresh process (``in_fresh_process``, which sets ``MALLOC_ENV`` and the threads)."""
+    swapped in; meant for a fresh process (``in_fresh_process(..., for_memory=True)``: ``MALLOC_ENV``)."""
     model, tokenizer = load_gguf(Path(gguf))
     ids = prompt(tokenizer, tokens)
     if spec is not None:
@@ -117,22 +117,28 @@ def prefill_peak_mib(gguf: str, tokens: int, spec: dict | None) -> float:
 
 
 @torch.no_grad()
-def attention_alone(model, inputs: dict[int, tuple], spec: dict, rounds: int) -> dict[str, float]:
-    """Seconds of DHSA's ``attend`` and of causal SDPA on the rotated q, k, v of the recorded layers, summed."""
-    total = {"dense SDPA": 0.0, "dhsa": 0.0}
+def swapped_layers(model, inputs: dict[int, tuple], spec: dict):
+    """For each recorded layer, with ``spec`` swapped into it alone: (its DHSA mixer, q [1, T, h, hd], k, v
+    [1, T, hkv, hd]), the rotated projections of its recorded input (contiguous); restored after each."""
     for i, (hidden, pos) in inputs.items():
         swap_attention(model, spec, layers=[i])
         try:
             attn: SwappedAttention = decoder_layers(model)[i].self_attn
-            q, k, v = (x.transpose(1, 2).contiguous() for x in attn.project(hidden, pos))  # [1, T, h, hd]
-            fns = {
-                "dense SDPA": functools.partial(causal_attention, q, k, v, "sdpa"),
-                "dhsa": functools.partial(attn.mixer.attend, q, k, v),
-            }
-            for name, t in time_interleaved(fns, warmup=1, rounds=rounds).items():
-                total[name] += t
+            yield attn.mixer, *(x.transpose(1, 2).contiguous() for x in attn.project(hidden, pos))
         finally:
             restore(model)
+
+
+def attention_alone(model, inputs: dict[int, tuple], spec: dict, rounds: int) -> dict[str, float]:
+    """Seconds of DHSA's ``attend`` and of causal SDPA on the rotated q, k, v of the recorded layers, summed."""
+    total = {"dense SDPA": 0.0, "dhsa": 0.0}
+    for mixer, q, k, v in swapped_layers(model, inputs, spec):
+        fns = {
+            "dense SDPA": functools.partial(causal_attention, q, k, v, "sdpa"),
+            "dhsa": functools.partial(mixer.attend, q, k, v),
+        }
+        for name, t in time_interleaved(fns, warmup=1, rounds=rounds).items():
+            total[name] += t
     return total
 
 
@@ -155,21 +161,14 @@ def selected_pairs(model, inputs: dict[int, tuple], spec: dict) -> float:
     """The causal (query, key) pairs DHSA's selection keeps ÷ all causal pairs, over the recorded layers: the
     attention-alone ratio it would reach at dense SDPA's throughput (1.0 when the budget covers the context)."""
     kept = total = 0.0
-    for i, (hidden, pos) in inputs.items():
-        swap_attention(model, spec, layers=[i])
-        try:
-            attn: SwappedAttention = decoder_layers(model)[i].self_attn
-            q, k, _ = (x.transpose(1, 2) for x in attn.project(hidden, pos))  # [1, T, h, hd]
-            kv = attn.mixer.select(q, k)  # [B, nb, S] key positions of each query block, -1 padded
-            B, T = q.shape[:2]
-            qb = attn.mixer.query_block
-            i0 = torch.arange(kv.shape[1])[:, None] * qb  # [nb, 1]
-            i1 = (i0 + qb).clamp_max(T)
-            seen = (i1 - torch.maximum(kv, i0)).clamp(0, qb)  # queries of the block at or after each key
-            kept += float(torch.where(kv >= 0, seen, 0).sum())
-            total += B * T * (T + 1) / 2
-        finally:
-            restore(model)
+    for mixer, q, k, _ in swapped_layers(model, inputs, spec):
+        kv = mixer.select(q, k)  # [B, nb, S] key positions of each query block, -1 padded
+        B, T = q.shape[:2]
+        i0 = torch.arange(kv.shape[1])[:, None] * mixer.query_block  # [nb, 1]
+        i1 = (i0 + mixer.query_block).clamp_max(T)
+        seen = (i1 - torch.maximum(kv, i0)).clamp(0, mixer.query_block)  # queries of the block at or after each key
+        kept += float(torch.where(kv >= 0, seen, 0).sum())
+        total += B * T * (T + 1) / 2
     return kept / total
 
 
