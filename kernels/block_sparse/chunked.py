@@ -29,7 +29,7 @@ import dataclasses
 
 import torch
 
-from .tiles import bias_of, tile_attention, tile_attention_backward, visible
+from .tiles import bias_of, bias_rows, tile_attention, tile_attention_backward, visible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +108,7 @@ def tiles_of(part: Rows, n_keys: int, bs: int):
     pass holds four such copies: K, V and their gradients), their slots trimmed to the most any of their blocks
     uses -> (rows [n], the slice they cover when consecutive (else None), blocks [n, S'], used [n, S'], token_mask
     [n, qbs, S'] or None)."""
-    S = part.blocks.shape[1]
-    step = max(1, n_keys // (2 * S * bs))
+    step = tile_rows(part, n_keys, bs)
     for r0 in range(0, len(part.rows), step):
         sl = slice(r0, r0 + step)
         rows, blocks, used = part.rows[sl], part.blocks[sl], part.used[sl]
@@ -120,19 +119,38 @@ def tiles_of(part: Rows, n_keys: int, bs: int):
         yield rows, _run(rows), blocks, used, tm
 
 
-def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, cache):
-    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs], or None (kind ``none``); ``cache``: a
-    dict that keeps the ``diagonal`` masks (one per number of slots) between tiles."""
+class DiagonalMasks:
+    """The masks of ``diagonal`` tiles: every key seen but the block's own (the last ``qbs``), seen causally; one
+    per number of slots, built once per pass, with ``rows`` rows per query (``tiles.bias_rows``)."""
+
+    def __init__(self, qbs: int, bs: int, rows: int, dtype, device):
+        self.qbs, self.bs, self.rows, self.dtype, self.device = qbs, bs, rows, dtype, device
+        self.masks = {}
+
+    def __call__(self, n: int, S: int) -> torch.Tensor:
+        """-> [n, 1, qbs·rows, S·bs] (expanded over the n tiles)."""
+        if S not in self.masks:
+            own = torch.ones(self.qbs, self.qbs, dtype=torch.bool, device=self.device).tril()
+            seen = torch.cat([own.new_ones(self.qbs, S * self.bs - self.qbs), own], 1)  # [qbs, S·bs]
+            self.masks[S] = bias_of(seen.repeat_interleave(self.rows, 0)[None], self.dtype)
+        return self.masks[S].expand(n, -1, -1, -1)
+
+
+def tile_rows(part: Rows, n_keys: int, bs: int) -> int:
+    """The most query blocks in one of ``part``'s tiles (``tiles_of``)."""
+    return min(len(part.rows), max(1, n_keys // (2 * part.blocks.shape[1] * bs)))
+
+
+def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, diagonal):
+    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs] (``diagonal``: the ``DiagonalMasks`` of
+    the pass, per stacked row), or None (kind ``none``)."""
     n, S = blocks.shape
     nkb, bs = key_ok.shape[1:]
     dev = blocks.device
     if kind == "none":
         return None
-    if kind == "diagonal":  # every key seen but the block's own (the last qbs), which are seen causally
-        if S not in cache:
-            own = torch.ones(qbs, qbs, dtype=torch.bool, device=dev).tril()
-            cache[S] = bias_of(torch.cat([own.new_ones(qbs, S * bs - qbs), own], 1)[None], dtype)
-        return cache[S].expand(n, 1, qbs, S * bs)
+    if kind == "diagonal":
+        return diagonal(n, S)
     batch = rows // nqb
     seen = (key_ok[batch[:, None], blocks] & used[..., None]).view(n, 1, S * bs)  # [n, 1, S'·bs]
     if kind == "keys":
@@ -167,13 +185,31 @@ def _put(x4, rows, run, t) -> None:
         x4.index_copy_(0, rows, t.transpose(1, 2).to(x4.dtype))
 
 
-def _gather(x, blocks, nkb: int, rows, nqb: int):
-    """Key blocks x [B·nkb, bs, Hkv, hd] of the tile's rows -> (flat block indices [n·S'], [n, Hkv, S'·bs, hd])."""
-    _, bs, Hkv, hd = x.shape
-    n, S = blocks.shape
-    flat = (blocks + (rows // nqb)[:, None] * nkb).flatten()
-    g = x.view(x.shape[0], -1).index_select(0, flat)  # one row per block
-    return flat, g.view(n, S * bs, Hkv, hd).transpose(1, 2)
+class Gather:
+    """Copies of the key blocks of one tile at a time, x [B·nkb, bs, Hkv, hd] -> [n, Hkv, S'·bs, hd], written
+    into one buffer of ``tiles_of``'s largest tile (at most half of x, plus one query block's selection) that
+    every tile of the pass reuses."""
+
+    def __init__(self, x: torch.Tensor, parts: list[Rows]):
+        self.x = x.view(x.shape[0], -1)  # one row per block
+        self.shape = x.shape[1:]
+        n_keys = x.shape[0] * x.shape[1]
+        most = max((tile_rows(p, n_keys, x.shape[1]) * p.blocks.shape[1] for p in parts), default=0)
+        self.buffer = self.x.new_empty(most, self.x.shape[1]) if x.device.type != "meta" else None
+
+    def __call__(self, flat: torch.Tensor, n: int) -> torch.Tensor:
+        """flat [n·S'] block indices -> [n, Hkv, S'·bs, hd]."""
+        bs, Hkv, hd = self.shape
+        if self.buffer is None:
+            g = self.x.index_select(0, flat)
+        else:
+            g = torch.index_select(self.x, 0, flat, out=self.buffer[: len(flat)])
+        return g.view(n, -1, Hkv, hd).transpose(1, 2)
+
+
+def _flat(blocks, rows, nqb: int, nkb: int) -> torch.Tensor:
+    """The tile's key blocks [n, S'] of its rows' batches -> indices [n·S'] into the B·nkb blocks."""
+    return (blocks + (rows // nqb)[:, None] * nkb).flatten()
 
 
 class BlockSparseAttention(torch.autograd.Function):
@@ -187,12 +223,13 @@ class BlockSparseAttention(torch.autograd.Function):
         out = (torch.empty if selected == B * nqb else torch.zeros)(B * nqb, qbs, H, hd, dtype=q.dtype, device=q.device)
         lse = torch.zeros(B * nqb, H, qbs, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         q4, kb, vb = q.view(B * nqb, qbs, H, hd), k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
-        diagonal = {}
+        diagonal = DiagonalMasks(qbs, bs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
+        gather_k, gather_v = Gather(kb, parts), Gather(vb, parts)
         for part in parts:
             for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, diagonal)
-                _, kg = _gather(kb, blocks, nkb, rows, nqb)
-                _, vg = _gather(vb, blocks, nkb, rows, nqb)
+                flat = _flat(blocks, rows, nqb, nkb)
+                kg, vg = gather_k(flat, len(rows)), gather_v(flat, len(rows))
                 o, lse_t = tile_attention(_take(q4, rows, run), kg, vg, mask, scale)  # [n, H, qbs, hd], [n, H, qbs]
                 _put(out, rows, run, o)
                 lse[rows] = torch.where(torch.isfinite(lse_t), lse_t, 0.0)  # a row that sees no key: any value
@@ -212,17 +249,17 @@ class BlockSparseAttention(torch.autograd.Function):
         dq = torch.zeros_like(q4)
         dk = torch.zeros(B * nkb, bs, Hkv, hd, dtype=lse.dtype, device=k.device)
         dv = torch.zeros_like(dk)
-        diagonal = {}
+        diagonal = DiagonalMasks(qbs, bs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
+        gather_k, gather_v = Gather(kb, ctx.parts), Gather(vb, ctx.parts)
         for part in ctx.parts:
             for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, diagonal)
-                flat, kg = _gather(kb, blocks, nkb, rows, nqb)
-                _, vg = _gather(vb, blocks, nkb, rows, nqb)
+                flat = _flat(blocks, rows, nqb, nkb)
                 dqt, dkt, dvt = tile_attention_backward(
                     _take(do4, rows, run),
                     _take(q4, rows, run),
-                    kg,
-                    vg,
+                    gather_k(flat, len(rows)),
+                    gather_v(flat, len(rows)),
                     _take(o4, rows, run),
                     lse[rows],
                     mask,
