@@ -9,8 +9,10 @@ needs (``plan``), so that the common cases build no mask at all:
 
 * ``none``: no masked key and, under a causal mask, every selected key before the block's first query (the
   tiles group query blocks that selected the same number of blocks, so that no slot is left unused);
-* ``diagonal`` (causal): the same, except that the last selected blocks are the block's own keys in order (key
-  blocks tile the query block): one triangular mask, shared by every query block with as many blocks;
+* ``own`` (causal): when the last selected blocks are the block's own keys in order (key blocks tile the query
+  block) and the others come before it, the earlier blocks are a ``none`` tile and the own keys a tile of their
+  own with one triangular mask, run after it and merged by log-sum-exp (``_merge``): the fused kernel reads and
+  adds a mask for every key of a tile, so the long tile is left without one;
 * ``keys``: a per-key mask (unused slots, padded or ``key_mask``-ed keys), shared by the rows of a tile;
 * ``full``: a per-(query, key) mask (a per-token mask, selections that fit neither pattern above).
 
@@ -29,7 +31,7 @@ import dataclasses
 
 import torch
 
-from .tiles import bias_of, bias_rows, tile_attention, tile_attention_backward, visible
+from .tiles import NEG_INF, bias_of, bias_rows, tile_attention, tile_attention_backward, visible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +50,11 @@ class Rows:
 
 def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, key_holes: bool) -> list[Rows]:
     """kv_blocks [B, nqb, S] (-1 = unused), token_mask [B, nqb·qbs, S] or None, key_ok [B, nkb, bs] -> the query
-    blocks of each kind (a query block that selects nothing is in none: it outputs zeros). Under a causal mask,
-    key blocks that start after a block's last query are dropped. ``aligned``: causal, as many queries as keys and
-    query blocks made of whole key blocks (the ``diagonal`` kind needs it; padding keys past the end are then seen
-    by padding queries only). ``key_holes``: some real key is masked out (``key_mask``)."""
+    blocks of each kind, ``own`` last (a query block that selects nothing is in none: it outputs zeros; one whose
+    own keys are split off is in a ``none`` part for its earlier blocks, if any, and in the ``own`` part). Under a
+    causal mask, key blocks that start after a block's last query are dropped. ``aligned``: causal, as many
+    queries as keys and query blocks made of whole key blocks (``own`` tiles need it; padding keys past the end
+    are then seen by padding queries only). ``key_holes``: some real key is masked out (``key_mask``)."""
     B, nqb, S = kv_blocks.shape
     nkb, bs = key_ok.shape[1:]
     first = torch.arange(nqb, device=kv_blocks.device)[:, None] * qbs  # [nqb, 1] first query of each block
@@ -82,24 +85,29 @@ def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, k
                 tail = (count[..., None] - m + torch.arange(m, device=used.device)).clamp_min(0)  # [B, nqb, m]
                 own = first // bs + torch.arange(m, device=first.device)  # [nqb, m]
                 slot = torch.arange(S, device=used.device)
-                diagonal = (blocks.gather(-1, tail) == own).all(-1) & (count >= m)
-                diagonal &= (before | (slot >= count[..., None] - m)).all(-1)
-                kind = torch.where(whole & diagonal & (kind == 3), 1, kind)
+                has_own = (blocks.gather(-1, tail) == own).all(-1) & (count >= m)
+                has_own &= (before | (slot >= count[..., None] - m)).all(-1)
+                kind = torch.where(whole & has_own & (kind == 3), 1, kind)
     kind = torch.where(count > 0, kind, -1).flatten()  # -1: selects nothing
     blocks, used, count = blocks.flatten(0, 1), used.flatten(0, 1), count.flatten()
     if token_mask is not None:
         token_mask = token_mask.view(B, nqb, qbs, S).gather(3, order[:, :, None].expand(B, nqb, qbs, S))
         token_mask = token_mask.flatten(0, 1)
+    has_own = kind == 1
+    earlier = torch.where(has_own, count - qbs // bs, count)  # used slots before the block's own keys
     out = []
-    for k, name in enumerate(("none", "diagonal", "keys", "full")):
-        mine = kind == k
-        if name in ("none", "diagonal"):  # every slot of a tile used: one part per number of used slots
-            for c in count[mine].unique().tolist():
-                rows = (mine & (count == c)).nonzero().flatten()
-                out.append(Rows(name, rows, blocks[rows, :c], used[rows, :c], None))
-        elif mine.any():
-            rows = mine.nonzero().flatten()
+    for c in earlier[(kind == 0) | has_own].unique().tolist():  # every slot of a tile used: one part per count
+        if c:
+            rows = (((kind == 0) | has_own) & (earlier == c)).nonzero().flatten()
+            out.append(Rows("none", rows, blocks[rows, :c], used[rows, :c], None))
+    for k, name in ((2, "keys"), (3, "full")):
+        if (kind == k).any():
+            rows = (kind == k).nonzero().flatten()
             out.append(Rows(name, rows, blocks[rows], used[rows], None if token_mask is None else token_mask[rows]))
+    if has_own.any():  # last: merged with the results of the same rows' earlier slots
+        rows, m = has_own.nonzero().flatten(), qbs // bs
+        own = (rows % nqb)[:, None] * m + torch.arange(m, device=rows.device)  # [n, m] the block's own key blocks
+        out.append(Rows("own", rows, own, torch.ones_like(own, dtype=torch.bool), None))
     return out
 
 
@@ -119,21 +127,20 @@ def tiles_of(part: Rows, n_keys: int, bs: int):
         yield rows, _run(rows), blocks, used, tm
 
 
-class DiagonalMasks:
-    """The masks of ``diagonal`` tiles: every key seen but the block's own (the last ``qbs``), seen causally; one
-    per number of slots, built once per pass, with ``rows`` rows per query (``tiles.bias_rows``)."""
+class OwnMask:
+    """The mask of ``own`` tiles (a query block and its own keys): causal, with ``rows`` rows per query
+    (``tiles.bias_rows``), built once per pass."""
 
-    def __init__(self, qbs: int, bs: int, rows: int, dtype, device):
-        self.qbs, self.bs, self.rows, self.dtype, self.device = qbs, bs, rows, dtype, device
-        self.masks = {}
+    def __init__(self, qbs: int, rows: int, dtype, device):
+        self.qbs, self.rows, self.dtype, self.device = qbs, rows, dtype, device
+        self.mask = None
 
-    def __call__(self, n: int, S: int) -> torch.Tensor:
-        """-> [n, 1, qbs·rows, S·bs] (expanded over the n tiles)."""
-        if S not in self.masks:
-            own = torch.ones(self.qbs, self.qbs, dtype=torch.bool, device=self.device).tril()
-            seen = torch.cat([own.new_ones(self.qbs, S * self.bs - self.qbs), own], 1)  # [qbs, S·bs]
-            self.masks[S] = bias_of(seen.repeat_interleave(self.rows, 0)[None], self.dtype)
-        return self.masks[S].expand(n, -1, -1, -1)
+    def __call__(self, n: int) -> torch.Tensor:
+        """-> [n, 1, qbs·rows, qbs] (expanded over the n tiles)."""
+        if self.mask is None:
+            seen = torch.ones(self.qbs, self.qbs, dtype=torch.bool, device=self.device).tril()
+            self.mask = bias_of(seen.repeat_interleave(self.rows, 0)[None], self.dtype)
+        return self.mask.expand(n, -1, -1, -1)
 
 
 def tile_rows(part: Rows, n_keys: int, bs: int) -> int:
@@ -141,16 +148,16 @@ def tile_rows(part: Rows, n_keys: int, bs: int) -> int:
     return min(len(part.rows), max(1, n_keys // (2 * part.blocks.shape[1] * bs)))
 
 
-def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, diagonal):
-    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs] (``diagonal``: the ``DiagonalMasks`` of
-    the pass, per stacked row), or None (kind ``none``)."""
+def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, own):
+    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs] (kind ``own``: the pass's ``OwnMask``,
+    per stacked row), or None (kind ``none``)."""
     n, S = blocks.shape
     nkb, bs = key_ok.shape[1:]
     dev = blocks.device
     if kind == "none":
         return None
-    if kind == "diagonal":
-        return diagonal(n, S)
+    if kind == "own":
+        return own(n)
     batch = rows // nqb
     seen = (key_ok[batch[:, None], blocks] & used[..., None]).view(n, 1, S * bs)  # [n, 1, S'·bs]
     if kind == "keys":
@@ -207,6 +214,15 @@ class Gather:
         return g.view(n, -1, Hkv, hd).transpose(1, 2)
 
 
+def _merge(o_a, lse_a, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of rows over two disjoint key sets from each one's output o [n, H, L, hd] and lse
+    [n, H, L] (-inf: no key): o = (e^lse_a o_a + e^lse_b o_b) / (e^lse_a + e^lse_b), i.e. o_a + w (o_b - o_a) with
+    w = e^(lse_b - lse), lse = log(e^lse_a + e^lse_b)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w = torch.exp(lse_b - lse)[..., None]  # [n, H, L, 1]
+    return torch.lerp(o_a.to(w.dtype), o_b.to(w.dtype), w).to(o_a.dtype), lse
+
+
 def _flat(blocks, rows, nqb: int, nkb: int) -> torch.Tensor:
     """The tile's key blocks [n, S'] of its rows' batches -> indices [n·S'] into the B·nkb blocks."""
     return (blocks + (rows // nqb)[:, None] * nkb).flatten()
@@ -219,20 +235,22 @@ class BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, parts: list[Rows], key_ok, causal: bool, scale: float, qbs: int):
         B, Tq, H, hd = q.shape
         nqb, (_, nkb, bs), Hkv = Tq // qbs, key_ok.shape, k.shape[2]
-        selected = sum(len(p.rows) for p in parts)
-        out = (torch.empty if selected == B * nqb else torch.zeros)(B * nqb, qbs, H, hd, dtype=q.dtype, device=q.device)
-        lse = torch.zeros(B * nqb, H, qbs, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        out = torch.zeros(B * nqb, qbs, H, hd, dtype=q.dtype, device=q.device)
+        lse = torch.full((B * nqb, H, qbs), NEG_INF, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         q4, kb, vb = q.view(B * nqb, qbs, H, hd), k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
-        diagonal = DiagonalMasks(qbs, bs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
+        own = OwnMask(qbs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
         gather_k, gather_v = Gather(kb, parts), Gather(vb, parts)
         for part in parts:
             for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
-                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, diagonal)
+                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, own)
                 flat = _flat(blocks, rows, nqb, nkb)
                 kg, vg = gather_k(flat, len(rows)), gather_v(flat, len(rows))
                 o, lse_t = tile_attention(_take(q4, rows, run), kg, vg, mask, scale)  # [n, H, qbs, hd], [n, H, qbs]
+                if part.kind == "own":  # the rows' earlier slots ran first: merge the two softmaxes by their lse
+                    o, lse_t = _merge(_take(out, rows, run), lse[rows], o, lse_t)
                 _put(out, rows, run, o)
-                lse[rows] = torch.where(torch.isfinite(lse_t), lse_t, 0.0)  # a row that sees no key: any value
+                lse[rows] = lse_t
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # a row that sees no key: any finite value
         out = out.view(B, Tq, H, hd)
         ctx.save_for_backward(q, k, v, out, lse, key_ok)
         ctx.parts, ctx.causal, ctx.scale, ctx.qbs = parts, causal, scale, qbs
@@ -246,14 +264,14 @@ class BlockSparseAttention(torch.autograd.Function):
         nqb = Tq // qbs
         q4, o4, do4 = (x.reshape(B * nqb, qbs, H, hd) for x in (q, out, dout))
         kb, vb = k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
-        dq = torch.zeros_like(q4)
+        dq = torch.zeros(q4.shape, dtype=lse.dtype, device=q.device)  # own tiles add to their rows' earlier slots
         dk = torch.zeros(B * nkb, bs, Hkv, hd, dtype=lse.dtype, device=k.device)
         dv = torch.zeros_like(dk)
-        diagonal = DiagonalMasks(qbs, bs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
+        own = OwnMask(qbs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
         gather_k, gather_v = Gather(kb, ctx.parts), Gather(vb, ctx.parts)
         for part in ctx.parts:
             for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
-                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, diagonal)
+                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, own)
                 flat = _flat(blocks, rows, nqb, nkb)
                 dqt, dkt, dvt = tile_attention_backward(
                     _take(do4, rows, run),
@@ -265,12 +283,12 @@ class BlockSparseAttention(torch.autograd.Function):
                     mask,
                     ctx.scale,
                 )
-                _put(dq, rows, run, dqt)
+                _put(dq, rows, run, dqt + _take(dq, rows, run) if part.kind == "own" else dqt)
                 n, S = blocks.shape
                 dk.index_add_(0, flat, dkt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dk.dtype))
                 dv.index_add_(0, flat, dvt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dv.dtype))
         return (
-            dq.view(q.shape),
+            dq.view(q.shape).to(q.dtype),
             dk.view(k.shape).to(k.dtype),
             dv.view(v.shape).to(v.dtype),
             None,

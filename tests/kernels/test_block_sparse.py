@@ -212,7 +212,7 @@ def test_some_rows_select_no_block():
 
 
 def mixed_kinds_selection(nqb: int, S: int, m: int) -> torch.Tensor:
-    """Causal selection over query blocks of m key blocks: rows that end with their own m blocks (``diagonal``),
+    """Causal selection over query blocks of m key blocks: rows that end with their own m blocks (``own`` tiles),
     rows of earlier blocks only (``none``), rows with unused slots, with their own blocks out of order or with
     only some of them (``full``), in a shuffled slot order. -> [1, 1, nqb, S]."""
     g = torch.Generator().manual_seed(3)
@@ -236,9 +236,10 @@ def mixed_kinds_selection(nqb: int, S: int, m: int) -> torch.Tensor:
 @pytest.mark.parametrize("bs, qbs", [(8, 8), (4, 8), (1, 4)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_every_mask_kind_matches_naive(bs, qbs, causal):
-    """The query-block tiling sorts query blocks by the mask their tile needs (none, the shared diagonal
-    triangle, per-key, per-query-and-key, chunked.plan): a selection that produces every kind, checked against
-    the definition (output, dq, dk, dv), with GQA and a ragged last block."""
+    """The query-block tiling sorts query blocks by the mask their tile needs (none, per-key,
+    per-query-and-key, and a block's own keys in a tile of their own merged by log-sum-exp: chunked.plan): a
+    selection that produces every kind, checked against the definition (output, dq, dk, dv), with GQA and a
+    ragged last block."""
     from kernels.block_sparse.chunked import plan
 
     T, H, Hkv, hd, m = 61, 4, 2, 16, qbs // bs
@@ -250,10 +251,10 @@ def test_every_mask_kind_matches_naive(bs, qbs, causal):
     k, v = (torch.randn(1, T, Hkv, hd, generator=g) for _ in range(2))
     key_ok = (torch.arange(math.ceil(T / bs) * bs) < T).view(1, -1, bs)
     kinds = {p.kind for p in plan(sel[:, 0], None, key_ok, qbs, causal, causal, False)}
-    # query blocks of one key block: a row that holds its own block is diagonal; without a causal mask only the
-    # ragged last block needs a mask
+    # query blocks of one key block: a row that holds its own block gets an own tile; without a causal mask only
+    # the ragged last block needs a mask
     expected = (
-        {"none", "diagonal"} | ({"full"} if m > 1 else set()) if causal else {"none"} | ({"keys"} if T % bs else set())
+        {"none", "own"} | ({"full"} if m > 1 else set()) if causal else {"none"} | ({"keys"} if T % bs else set())
     )
     assert kinds == expected, kinds
     kw = dict(block_size=bs, q_block_size=qbs, causal=causal, scale=0.3)
