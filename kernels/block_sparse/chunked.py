@@ -111,12 +111,27 @@ def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, k
     return out
 
 
-def tiles_of(part: Rows, n_keys: int, bs: int):
-    """Tiles of a few query blocks each, their gathered keys at most half of the ``n_keys`` keys of K (the backward
-    pass holds four such copies: K, V and their gradients), their slots trimmed to the most any of their blocks
-    uses -> (rows [n], the slice they cover when consecutive (else None), blocks [n, S'], used [n, S'], token_mask
+@dataclasses.dataclass(frozen=True)
+class TileBound:
+    """How many query blocks a tile holds: its gathered keys at most half of the ``n_keys`` keys of K (the
+    backward pass holds four such copies: K, V and their gradients) and each of its query-side tensors (q, the
+    output, their gradients: ``q_keys`` = qbs·H / Hkv keys' worth per query block) at most a quarter."""
+
+    n_keys: int
+    bs: int
+    q_keys: int
+
+    def rows(self, part: Rows) -> int:
+        """The most query blocks in one of ``part``'s tiles."""
+        by_keys = self.n_keys // (2 * part.blocks.shape[1] * self.bs)
+        return min(len(part.rows), max(1, min(by_keys, self.n_keys // (4 * self.q_keys))))
+
+
+def tiles_of(part: Rows, bound: TileBound):
+    """Tiles of a few query blocks each (``bound``), their slots trimmed to the most any of their blocks uses ->
+    (rows [n], the slice they cover when consecutive (else None), blocks [n, S'], used [n, S'], token_mask
     [n, qbs, S'] or None)."""
-    step = tile_rows(part, n_keys, bs)
+    step = bound.rows(part)
     for r0 in range(0, len(part.rows), step):
         sl = slice(r0, r0 + step)
         rows, blocks, used = part.rows[sl], part.blocks[sl], part.used[sl]
@@ -141,11 +156,6 @@ class OwnMask:
             seen = torch.ones(self.qbs, self.qbs, dtype=torch.bool, device=self.device).tril()
             self.mask = bias_of(seen.repeat_interleave(self.rows, 0)[None], self.dtype)
         return self.mask.expand(n, -1, -1, -1)
-
-
-def tile_rows(part: Rows, n_keys: int, bs: int) -> int:
-    """The most query blocks in one of ``part``'s tiles (``tiles_of``)."""
-    return min(len(part.rows), max(1, n_keys // (2 * part.blocks.shape[1] * bs)))
 
 
 def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, own):
@@ -194,14 +204,13 @@ def _put(x4, rows, run, t) -> None:
 
 class Gather:
     """Copies of the key blocks of one tile at a time, x [B·nkb, bs, Hkv, hd] -> [n, Hkv, S'·bs, hd], written
-    into one buffer of ``tiles_of``'s largest tile (at most half of x, plus one query block's selection) that
-    every tile of the pass reuses."""
+    into one buffer of the largest tile (at most half of x, plus one query block's selection) that every tile of
+    the pass reuses."""
 
-    def __init__(self, x: torch.Tensor, parts: list[Rows]):
+    def __init__(self, x: torch.Tensor, parts: list[Rows], bound: TileBound):
         self.x = x.view(x.shape[0], -1)  # one row per block
         self.shape = x.shape[1:]
-        n_keys = x.shape[0] * x.shape[1]
-        most = max((tile_rows(p, n_keys, x.shape[1]) * p.blocks.shape[1] for p in parts), default=0)
+        most = max((bound.rows(p) * p.blocks.shape[1] for p in parts), default=0)
         self.buffer = self.x.new_empty(most, self.x.shape[1]) if x.device.type != "meta" else None
 
     def __call__(self, flat: torch.Tensor, n: int) -> torch.Tensor:
@@ -239,9 +248,10 @@ class BlockSparseAttention(torch.autograd.Function):
         lse = torch.full((B * nqb, H, qbs), NEG_INF, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         q4, kb, vb = q.view(B * nqb, qbs, H, hd), k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
         own = OwnMask(qbs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
-        gather_k, gather_v = Gather(kb, parts), Gather(vb, parts)
+        bound = TileBound(B * nkb * bs, bs, qbs * H // Hkv)
+        gather_k, gather_v = Gather(kb, parts, bound), Gather(vb, parts, bound)
         for part in parts:
-            for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
+            for rows, run, blocks, used, tm in tiles_of(part, bound):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, own)
                 flat = _flat(blocks, rows, nqb, nkb)
                 kg, vg = gather_k(flat, len(rows)), gather_v(flat, len(rows))
@@ -268,9 +278,10 @@ class BlockSparseAttention(torch.autograd.Function):
         dk = torch.zeros(B * nkb, bs, Hkv, hd, dtype=lse.dtype, device=k.device)
         dv = torch.zeros_like(dk)
         own = OwnMask(qbs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
-        gather_k, gather_v = Gather(kb, ctx.parts), Gather(vb, ctx.parts)
+        bound = TileBound(B * nkb * bs, bs, qbs * H // Hkv)
+        gather_k, gather_v = Gather(kb, ctx.parts, bound), Gather(vb, ctx.parts, bound)
         for part in ctx.parts:
-            for rows, run, blocks, used, tm in tiles_of(part, B * nkb * bs, bs):
+            for rows, run, blocks, used, tm in tiles_of(part, bound):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, own)
                 flat = _flat(blocks, rows, nqb, nkb)
                 dqt, dkt, dvt = tile_attention_backward(

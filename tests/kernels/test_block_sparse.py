@@ -266,6 +266,31 @@ def test_every_mask_kind_matches_naive(bs, qbs, causal):
         check("block_sparse_attention", "torch", torch.float32, f"{name} (mask kinds)", a, b)
 
 
+def test_tiles_hold_at_most_half_of_k_in_keys_and_a_quarter_per_query_side_tensor():
+    """Memory bound of the query-block tiling (chunked.TileBound): on a causal selection whose rows split into an
+    earlier-blocks tile and an own-block tile, every tile's gathered keys are at most half of K's keys and each
+    query-side tensor (qbs·H/Hkv keys' worth per query block) at most a quarter; the own tiles, one key block per
+    row, would otherwise take every query block at once."""
+    from kernels.block_sparse.chunked import TileBound, plan, tiles_of
+
+    T, bs, H, Hkv = 2048, 64, 8, 2
+    n = T // bs
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.cat([torch.randperm(i, generator=g)[:5], torch.tensor([i])]) for i in range(n)]
+    sel = torch.stack([F.pad(r, (0, 6 - len(r)), value=-1) for r in rows])[None]  # [1, nqb, 6]
+    key_ok = torch.ones(1, n, bs, dtype=torch.bool)
+    parts = plan(sel, None, key_ok, bs, True, True, False)
+    assert {p.kind for p in parts} == {"none", "own"}
+    bound = TileBound(T, bs, bs * H // Hkv)
+    sizes = {p.kind: [] for p in parts}
+    for part in parts:
+        for tile_rows, _, blocks, _, _ in tiles_of(part, bound):
+            sizes[part.kind].append(len(tile_rows))
+            assert len(tile_rows) * blocks.shape[1] * bs <= max(T // 2, blocks.shape[1] * bs)
+            assert len(tile_rows) * bound.q_keys <= max(T // 4, bound.q_keys)
+    assert sum(sizes["own"]) == n and max(sizes["own"]) == T // 4 // bound.q_keys  # bounded by the query side
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("hd, T, bs", [(64, 100, 32), (128, 77, 16)])
 def test_every_causal_block_selected_is_dense_causal_sdpa(impl, hd, T, bs):
