@@ -29,7 +29,7 @@ import torch
 from .tiles import bias_of, tile_attention, tile_attention_backward, visible
 
 ROW_CHUNKS = 4  # query rows in this many chunks: the running output of a chunk is 1/4 of the output's size
-PAIRS_PER_STEP = 1 / 16  # pairs per sub-chunk, as a fraction of the query rows: each copy of them is ~1/16 of q's
+PAIRS_PER_STEP = 1 / 8  # pairs per sub-chunk, as a fraction of the query rows: each copy of them is ~1/8 of q's
 
 
 @dataclasses.dataclass(frozen=True)
