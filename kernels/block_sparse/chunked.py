@@ -31,7 +31,7 @@ import dataclasses
 
 import torch
 
-from .tiles import NEG_INF, bias_of, bias_rows, tile_attention, tile_attention_backward, visible
+from .tiles import NEG_INF, bias_of, tile_attention, tile_attention_backward, visible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,32 +142,15 @@ def tiles_of(part: Rows, bound: TileBound):
         yield rows, _run(rows), blocks, used, tm
 
 
-class OwnMask:
-    """The mask of ``own`` tiles (a query block and its own keys): causal, with ``rows`` rows per query
-    (``tiles.bias_rows``), built once per pass."""
-
-    def __init__(self, qbs: int, rows: int, dtype, device):
-        self.qbs, self.rows, self.dtype, self.device = qbs, rows, dtype, device
-        self.mask = None
-
-    def __call__(self, n: int) -> torch.Tensor:
-        """-> [n, 1, qbs·rows, qbs] (expanded over the n tiles)."""
-        if self.mask is None:
-            seen = torch.ones(self.qbs, self.qbs, dtype=torch.bool, device=self.device).tril()
-            self.mask = bias_of(seen.repeat_interleave(self.rows, 0)[None], self.dtype)
-        return self.mask.expand(n, -1, -1, -1)
-
-
-def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype, own):
-    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs] (kind ``own``: the pass's ``OwnMask``,
-    per stacked row), or None (kind ``none``)."""
+def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype):
+    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs], or None (kind ``none``)."""
     n, S = blocks.shape
     nkb, bs = key_ok.shape[1:]
     dev = blocks.device
     if kind == "none":
         return None
-    if kind == "own":
-        return own(n)
+    if kind == "own":  # the block's own keys, seen causally: one triangle for every tile
+        return bias_of(torch.ones(qbs, qbs, dtype=torch.bool, device=dev).tril()[None], dtype).expand(n, -1, -1, -1)
     batch = rows // nqb
     seen = (key_ok[batch[:, None], blocks] & used[..., None]).view(n, 1, S * bs)  # [n, 1, S'·bs]
     if kind == "keys":
@@ -247,12 +230,11 @@ class BlockSparseAttention(torch.autograd.Function):
         out = torch.zeros(B * nqb, qbs, H, hd, dtype=q.dtype, device=q.device)
         lse = torch.full((B * nqb, H, qbs), NEG_INF, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         q4, kb, vb = q.view(B * nqb, qbs, H, hd), k.view(B * nkb, bs, Hkv, hd), v.view(B * nkb, bs, Hkv, hd)
-        own = OwnMask(qbs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
         bound = TileBound(B * nkb * bs, bs, qbs * H // Hkv)
         gather_k, gather_v = Gather(kb, parts, bound), Gather(vb, parts, bound)
         for part in parts:
             for rows, run, blocks, used, tm in tiles_of(part, bound):
-                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype, own)
+                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype)
                 flat = _flat(blocks, rows, nqb, nkb)
                 kg, vg = gather_k(flat, len(rows)), gather_v(flat, len(rows))
                 o, lse_t = tile_attention(_take(q4, rows, run), kg, vg, mask, scale)  # [n, H, qbs, hd], [n, H, qbs]
@@ -277,12 +259,11 @@ class BlockSparseAttention(torch.autograd.Function):
         dq = torch.zeros(q4.shape, dtype=lse.dtype, device=q.device)  # own tiles add to their rows' earlier slots
         dk = torch.zeros(B * nkb, bs, Hkv, hd, dtype=lse.dtype, device=k.device)
         dv = torch.zeros_like(dk)
-        own = OwnMask(qbs, bias_rows(q4.transpose(1, 2), Hkv), q.dtype, q.device)
         bound = TileBound(B * nkb * bs, bs, qbs * H // Hkv)
         gather_k, gather_v = Gather(kb, ctx.parts, bound), Gather(vb, ctx.parts, bound)
         for part in ctx.parts:
             for rows, run, blocks, used, tm in tiles_of(part, bound):
-                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype, own)
+                mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype)
                 flat = _flat(blocks, rows, nqb, nkb)
                 dqt, dkt, dvt = tile_attention_backward(
                     _take(do4, rows, run),

@@ -40,21 +40,12 @@ def bias_of(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, NEG_INF)[:, None]
 
 
-def bias_rows(q: torch.Tensor, hkv: int) -> int:
-    """Rows per query of the bias that ``tile_attention`` (and its backward) runs with for queries like ``q`` and
-    ``hkv`` key/value heads: on CPU the query heads of a key/value head are stacked as rows (``stack_heads``), so a
-    per-query bias is repeated h / hkv times on every call; a bias built with that many rows per query (row
-    t·rep + j = query t) is used as it is. Elsewhere 1."""
-    return q.shape[1] // hkv if q.device.type == "cpu" else 1
-
-
 def tile_attention(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · scale + bias) v per tile -> (o [n, h, L, hd] in q's dtype, lse [n, h, L] in float32 or
-    wider). ``bias`` as in the module docstring, or with ``bias_rows`` rows per query."""
+    wider)."""
     if q.device.type == "cpu":
         rep = q.shape[1] // k.shape[1]
-        bias = _stack_bias(bias, rep, q.shape[2])
-        o, lse = _FORWARD(stack_heads(q, rep), k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
+        o, lse = _FORWARD(stack_heads(q, rep), k, v, 0.0, False, attn_mask=_stack_bias(bias, rep), scale=scale)[:2]
         return unstack_heads(o, rep), unstack_heads(lse, rep)
     return plain_attention(q, k, v, bias, scale)
 
@@ -64,9 +55,8 @@ def tile_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
     [n, h, L]; lse finite: for a row that sees no key of the tile any value, it contributes nothing)."""
     if q.device.type == "cpu":
         rep = q.shape[1] // k.shape[1]
-        bias = _stack_bias(bias, rep, q.shape[2])
         dout, q, out, lse = (stack_heads(x, rep) for x in (dout, q, out, lse))
-        dq, dk, dv = _BACKWARD(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+        dq, dk, dv = _BACKWARD(dout, q, k, v, out, lse, 0.0, False, attn_mask=_stack_bias(bias, rep), scale=scale)
         return unstack_heads(dq, rep), dk, dv
     return plain_attention_backward(dout, q, k, v, out, lse, bias, scale)
 
@@ -90,11 +80,10 @@ def unstack_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
     return x.unflatten(2, (R // rep, rep)).transpose(2, 3).reshape(n, hkv * rep, R // rep, *x.shape[3:])
 
 
-def _stack_bias(bias: torch.Tensor | None, rep: int, L: int) -> torch.Tensor | None:
+def _stack_bias(bias: torch.Tensor | None, rep: int) -> torch.Tensor | None:
     """A bias broadcastable to [n, 1, L, S] for the rows of ``stack_heads`` (each query's row repeated ``rep``
-    times; a bias expanded over tiles is stacked once and expanded again; one with L·rep rows is already
-    stacked)."""
-    if bias is None or rep == 1 or bias.shape[2] in (1, L * rep):
+    times; a bias expanded over tiles is stacked once and expanded again)."""
+    if bias is None or rep == 1 or bias.shape[2] == 1:
         return bias
     if bias.shape[0] > 1 and bias.stride(0) == 0:
         return bias[:1].repeat_interleave(rep, 2).expand(bias.shape[0], -1, -1, -1)
