@@ -147,10 +147,8 @@ def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: 
     n, S = blocks.shape
     nkb, bs = key_ok.shape[1:]
     dev = blocks.device
-    if kind == "none":
+    if kind in ("none", "own"):  # own: the tile's causal triangle is the fused kernel's own
         return None
-    if kind == "own":  # the block's own keys, seen causally: one triangle for every tile
-        return bias_of(torch.ones(qbs, qbs, dtype=torch.bool, device=dev).tril()[None], dtype).expand(n, -1, -1, -1)
     batch = rows // nqb
     seen = (key_ok[batch[:, None], blocks] & used[..., None]).view(n, 1, S * bs)  # [n, 1, S'·bs]
     if kind == "keys":
@@ -172,17 +170,17 @@ def _run(rows) -> slice | None:
     return slice(r0, r0 + n) if int(rows[-1]) - r0 + 1 == n else None
 
 
-def _take(x4, rows, run):
-    """x4 [N, qbs, H, hd] at rows [n] -> [n, H, qbs, hd] (a view when the rows are consecutive: ``run``)."""
-    return (x4[run] if run else x4.index_select(0, rows)).transpose(1, 2)
+def _take(x, rows, run):
+    """x [N, ...] at rows [n] (a view when the rows are consecutive: ``run``)."""
+    return x[run] if run else x.index_select(0, rows)
 
 
-def _put(x4, rows, run, t) -> None:
-    """x4[rows] = t ([n, H, qbs, hd]); ``run``: the slice the rows cover, if consecutive."""
+def _put(x, rows, run, t) -> None:
+    """x[rows] = t; ``run``: the slice the rows cover, if consecutive."""
     if run:
-        x4[run] = t.transpose(1, 2)
+        x[run] = t
     else:
-        x4.index_copy_(0, rows, t.transpose(1, 2).to(x4.dtype))
+        x.index_copy_(0, rows, t.to(x.dtype))
 
 
 class Gather:
@@ -207,11 +205,11 @@ class Gather:
 
 
 def _merge(o_a, lse_a, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of rows over two disjoint key sets from each one's output o [n, H, L, hd] and lse
+    """Softmax attention of rows over two disjoint key sets from each one's output o [n, L, H, hd] and lse
     [n, H, L] (-inf: no key): o = (e^lse_a o_a + e^lse_b o_b) / (e^lse_a + e^lse_b), i.e. o_a + w (o_b - o_a) with
     w = e^(lse_b - lse), lse = log(e^lse_a + e^lse_b)."""
     lse = torch.logaddexp(lse_a, lse_b)
-    w = torch.exp(lse_b - lse)[..., None]  # [n, H, L, 1]
+    w = torch.exp(lse_b - lse).transpose(1, 2)[..., None]  # [n, L, H, 1]
     return torch.lerp(o_a.to(w.dtype), o_b.to(w.dtype), w).to(o_a.dtype), lse
 
 
@@ -233,15 +231,20 @@ class BlockSparseAttention(torch.autograd.Function):
         bound = TileBound(B * nkb * bs, bs, qbs * H // Hkv)
         gather_k, gather_v = Gather(kb, parts, bound), Gather(vb, parts, bound)
         for part in parts:
+            own = part.kind == "own"  # the rows' earlier slots ran first: merge the two softmaxes by their lse
             for rows, run, blocks, used, tm in tiles_of(part, bound):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype)
                 flat = _flat(blocks, rows, nqb, nkb)
-                kg, vg = gather_k(flat, len(rows)), gather_v(flat, len(rows))
-                o, lse_t = tile_attention(_take(q4, rows, run), kg, vg, mask, scale)  # [n, H, qbs, hd], [n, H, qbs]
-                if part.kind == "own":  # the rows' earlier slots ran first: merge the two softmaxes by their lse
-                    o, lse_t = _merge(_take(out, rows, run), lse[rows], o, lse_t)
+                qt, kg, vg = _take(q4, rows, run).transpose(1, 2), gather_k(flat, len(rows)), gather_v(flat, len(rows))
+                if run and not own:  # written in place
+                    tile_attention(qt, kg, vg, mask, scale, out=(out[run].transpose(1, 2), lse[run]))
+                    continue
+                o, lse_t = tile_attention(qt, kg, vg, mask, scale, causal=own)  # [n, H, qbs, hd], [n, H, qbs]
+                o = o.transpose(1, 2)
+                if own:
+                    o, lse_t = _merge(_take(out, rows, run), _take(lse, rows, run), o, lse_t)
                 _put(out, rows, run, o)
-                lse[rows] = lse_t
+                _put(lse, rows, run, lse_t)
         lse = torch.where(torch.isfinite(lse), lse, 0.0)  # a row that sees no key: any finite value
         out = out.view(B, Tq, H, hd)
         ctx.save_for_backward(q, k, v, out, lse, key_ok)
@@ -262,20 +265,25 @@ class BlockSparseAttention(torch.autograd.Function):
         bound = TileBound(B * nkb * bs, bs, qbs * H // Hkv)
         gather_k, gather_v = Gather(kb, ctx.parts, bound), Gather(vb, ctx.parts, bound)
         for part in ctx.parts:
+            own = part.kind == "own"  # adds to the dq of the rows' earlier slots, which ran first
             for rows, run, blocks, used, tm in tiles_of(part, bound):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype)
                 flat = _flat(blocks, rows, nqb, nkb)
                 dqt, dkt, dvt = tile_attention_backward(
-                    _take(do4, rows, run),
-                    _take(q4, rows, run),
+                    *(_take(x, rows, run).transpose(1, 2) for x in (do4, q4)),
                     gather_k(flat, len(rows)),
                     gather_v(flat, len(rows)),
-                    _take(o4, rows, run),
-                    lse[rows],
+                    _take(o4, rows, run).transpose(1, 2),
+                    _take(lse, rows, run),
                     mask,
                     ctx.scale,
+                    causal=own,
+                    dq_out=dq[run].transpose(1, 2) if run and not own else None,
                 )
-                _put(dq, rows, run, dqt + _take(dq, rows, run) if part.kind == "own" else dqt)
+                if own:
+                    dq.index_add_(0, rows, dqt.transpose(1, 2).to(dq.dtype))
+                elif not run:
+                    _put(dq, rows, run, dqt.transpose(1, 2))
                 n, S = blocks.shape
                 dk.index_add_(0, flat, dkt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dk.dtype))
                 dv.index_add_(0, flat, dvt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dv.dtype))

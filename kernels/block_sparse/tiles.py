@@ -40,25 +40,32 @@ def bias_of(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, NEG_INF)[:, None]
 
 
-def tile_attention(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_attention(q, k, v, bias, scale: float, *, causal: bool = False, out=None):
     """softmax(q kᵀ · scale + bias) v per tile -> (o [n, h, L, hd] in q's dtype, lse [n, h, L] in float32 or
-    wider)."""
+    wider). ``causal``: square tiles (L = S) in which query i sees keys 0..i, with no bias (a block's own keys;
+    the fused kernel skips the masked half and needs no stacked rows). ``out``: views (o, lse) of those shapes
+    the results are written into and returned (one copy fewer than copying the returned tensors)."""
+    o_out, lse_out = (None, None) if out is None else out
     if q.device.type == "cpu":
-        rep = q.shape[1] // k.shape[1]
-        o, lse = _FORWARD(stack_heads(q, rep), k, v, 0.0, False, attn_mask=_stack_bias(bias, rep), scale=scale)[:2]
-        return unstack_heads(o, rep), unstack_heads(lse, rep)
-    return plain_attention(q, k, v, bias, scale)
+        rep = _rep(q, k, bias, causal)
+        o, lse = _FORWARD(stack_heads(q, rep), k, v, 0.0, causal, attn_mask=_stack_bias(bias, rep), scale=scale)[:2]
+        return unstack_heads(o, rep, o_out), unstack_heads(lse, rep, lse_out)
+    o, lse = plain_attention(q, k, v, _causal_bias(q, k, bias) if causal else bias, scale)
+    return (o, lse) if out is None else (o_out.copy_(o), lse_out.copy_(lse))
 
 
-def tile_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
+def tile_attention_backward(dout, q, k, v, out, lse, bias, scale: float, *, causal: bool = False, dq_out=None):
     """dq, dk, dv of one tile batch, from the final output ``out`` and ``lse`` of its rows ([n, h, L, hd] and
-    [n, h, L]; lse finite: for a row that sees no key of the tile any value, it contributes nothing)."""
+    [n, h, L]; lse finite: for a row that sees no key of the tile any value, it contributes nothing). ``causal``
+    as in ``tile_attention``; ``dq_out``: a view [n, h, L, hd] dq is written into and returned."""
     if q.device.type == "cpu":
-        rep = q.shape[1] // k.shape[1]
+        rep = _rep(q, k, bias, causal)
         dout, q, out, lse = (stack_heads(x, rep) for x in (dout, q, out, lse))
-        dq, dk, dv = _BACKWARD(dout, q, k, v, out, lse, 0.0, False, attn_mask=_stack_bias(bias, rep), scale=scale)
-        return unstack_heads(dq, rep), dk, dv
-    return plain_attention_backward(dout, q, k, v, out, lse, bias, scale)
+        mask = _stack_bias(bias, rep)
+        dq, dk, dv = _BACKWARD(dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+        return unstack_heads(dq, rep, dq_out), dk, dv
+    dq, dk, dv = plain_attention_backward(dout, q, k, v, out, lse, _causal_bias(q, k, bias) if causal else bias, scale)
+    return (dq if dq_out is None else dq_out.copy_(dq)), dk, dv
 
 
 def stack_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
@@ -72,12 +79,17 @@ def stack_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
     return x.unflatten(1, (h // rep, rep)).transpose(2, 3).reshape(n, h // rep, L * rep, *x.shape[3:])
 
 
-def unstack_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
-    """The inverse of ``stack_heads``: [n, hkv, L·rep, ...] -> [n, hkv·rep, L, ...]."""
-    if rep == 1:
-        return x
-    n, hkv, R = x.shape[:3]
-    return x.unflatten(2, (R // rep, rep)).transpose(2, 3).reshape(n, hkv * rep, R // rep, *x.shape[3:])
+def unstack_heads(x: torch.Tensor, rep: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of ``stack_heads``: [n, hkv, L·rep, ...] -> [n, hkv·rep, L, ...], written into ``out`` (any
+    strides) if given."""
+    if rep > 1:
+        n, hkv, R = x.shape[:3]
+        x = x.unflatten(2, (R // rep, rep)).transpose(2, 3)  # [n, hkv, rep, L, ...]
+        if out is None:
+            return x.reshape(n, hkv * rep, R // rep, *x.shape[4:])
+        out.unflatten(1, (hkv, rep)).copy_(x)
+        return out
+    return x if out is None else out.copy_(x)
 
 
 def _stack_bias(bias: torch.Tensor | None, rep: int) -> torch.Tensor | None:
@@ -109,6 +121,23 @@ def plain_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
     dk = (ds.transpose(-1, -2) @ q).sum(2)
     dv = (p.to(dout.dtype).transpose(-1, -2) @ dout).sum(2)
     return dq, dk, dv
+
+
+def _rep(q, k, bias, causal: bool) -> int:
+    """How many query heads the fused kernel's call stacks per row: none for a causal tile (the kernel's own
+    causal mask is per row, and it reads grouped-query heads in place), else the group size."""
+    if not causal:
+        return q.shape[1] // k.shape[1]
+    if q.shape[2] != k.shape[2] or bias is not None:
+        raise ValueError(f"a causal tile is square with no bias; got {q.shape[2]} queries, {k.shape[2]} keys")
+    return 1
+
+
+def _causal_bias(q, k, bias) -> torch.Tensor:
+    """The bias of a causal square tile: 0 on and below the diagonal, -inf above."""
+    _rep(q, k, bias, True)
+    L = q.shape[2]
+    return bias_of(torch.ones(L, L, dtype=torch.bool, device=q.device).tril()[None], q.dtype)
 
 
 def _scores(q, k, bias, scale: float) -> torch.Tensor:
