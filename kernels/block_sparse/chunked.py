@@ -39,13 +39,15 @@ class Rows:
     """Query blocks that share a kind of mask (see the module docstring): ``rows`` [n] indices into the B·nqb
     query blocks (ascending), ``blocks`` [n, S'] their key blocks (each row's used slots first, in key order; 0 in
     unused slots), ``used`` [n, S'] which slots are used, ``token_mask`` [n, qbs, S'] in the same slot order
-    (kind ``full`` under a per-token mask, else None)."""
+    (kind ``full`` under a per-token mask, else None), ``flat`` [n, S'] the blocks as indices into the B·nkb key
+    blocks of all batches."""
 
     kind: str
     rows: torch.Tensor
     blocks: torch.Tensor
     used: torch.Tensor
     token_mask: torch.Tensor | None
+    flat: torch.Tensor
 
 
 def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, key_holes: bool) -> list[Rows]:
@@ -58,13 +60,18 @@ def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, k
     B, nqb, S = kv_blocks.shape
     nkb, bs = key_ok.shape[1:]
     first = torch.arange(nqb, device=kv_blocks.device)[:, None] * qbs  # [nqb, 1] first query of each block
+
+    def rows_of(kind, rows, blocks, used, token_mask):
+        return Rows(kind, rows, blocks, used, token_mask, blocks + (rows // nqb)[:, None] * nkb)
+
     used = kv_blocks >= 0
     if causal:
         used &= kv_blocks * bs <= first + qbs - 1
     if kv_blocks.device.type == "meta":  # FLOP counting: no data to sort on, every slot of every block
         tm = None if token_mask is None else token_mask.reshape(B * nqb, qbs, S)
         rows = torch.arange(B * nqb, device=kv_blocks.device)
-        return [Rows("full", rows, kv_blocks.reshape(B * nqb, S).clamp_min(0), used.reshape(B * nqb, S), tm)]
+        blocks = kv_blocks.reshape(B * nqb, S).clamp_min(0)
+        return [rows_of("full", rows, blocks, used.reshape(B * nqb, S), tm)]
     order = torch.sort(torch.where(used, kv_blocks, nkb), dim=-1, stable=True).indices  # used first, key order
     blocks, used = kv_blocks.gather(-1, order).clamp_min(0), used.gather(-1, order)
     count = used.sum(-1)  # [B, nqb] used slots (the first ones)
@@ -99,15 +106,16 @@ def plan(kv_blocks, token_mask, key_ok, qbs: int, causal: bool, aligned: bool, k
     for c in earlier[(kind == 0) | has_own].unique().tolist():  # every slot of a tile used: one part per count
         if c:
             rows = (((kind == 0) | has_own) & (earlier == c)).nonzero().flatten()
-            out.append(Rows("none", rows, blocks[rows, :c], used[rows, :c], None))
+            out.append(rows_of("none", rows, blocks[rows, :c], used[rows, :c], None))
     for k, name in ((2, "keys"), (3, "full")):
         if (kind == k).any():
             rows = (kind == k).nonzero().flatten()
-            out.append(Rows(name, rows, blocks[rows], used[rows], None if token_mask is None else token_mask[rows]))
+            tm = None if token_mask is None else token_mask[rows]
+            out.append(rows_of(name, rows, blocks[rows], used[rows], tm))
     if has_own.any():  # last: merged with the results of the same rows' earlier slots
         rows, m = has_own.nonzero().flatten(), qbs // bs
         own = (rows % nqb)[:, None] * m + torch.arange(m, device=rows.device)  # [n, m] the block's own key blocks
-        out.append(Rows("own", rows, own, torch.ones_like(own, dtype=torch.bool), None))
+        out.append(rows_of("own", rows, own, torch.ones_like(own, dtype=torch.bool), None))
     return out
 
 
@@ -130,16 +138,16 @@ class TileBound:
 def tiles_of(part: Rows, bound: TileBound):
     """Tiles of a few query blocks each (``bound``), their slots trimmed to the most any of their blocks uses ->
     (rows [n], the slice they cover when consecutive (else None), blocks [n, S'], used [n, S'], token_mask
-    [n, qbs, S'] or None)."""
+    [n, qbs, S'] or None, flat [n·S'] the blocks' indices into all batches' key blocks)."""
     step = bound.rows(part)
     for r0 in range(0, len(part.rows), step):
         sl = slice(r0, r0 + step)
-        rows, blocks, used = part.rows[sl], part.blocks[sl], part.used[sl]
+        rows, blocks, used, flat = part.rows[sl], part.blocks[sl], part.used[sl], part.flat[sl]
         tm = None if part.token_mask is None else part.token_mask[sl]
         if part.kind in ("keys", "full") and rows.device.type != "meta":
             s = int(used.sum(-1).max())
-            blocks, used, tm = blocks[:, :s], used[:, :s], None if tm is None else tm[..., :s]
-        yield rows, _run(rows), blocks, used, tm
+            blocks, used, flat, tm = blocks[:, :s], used[:, :s], flat[:, :s], None if tm is None else tm[..., :s]
+        yield rows, _run(rows), blocks, used, tm, flat.flatten()
 
 
 def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype):
@@ -175,14 +183,6 @@ def _take(x, rows, run):
     return x[run] if run else x.index_select(0, rows)
 
 
-def _put(x, rows, run, t) -> None:
-    """x[rows] = t; ``run``: the slice the rows cover, if consecutive."""
-    if run:
-        x[run] = t
-    else:
-        x.index_copy_(0, rows, t.to(x.dtype))
-
-
 class Gather:
     """Copies of the key blocks of one tile at a time, x [B·nkb, bs, Hkv, hd] -> [n, Hkv, S'·bs, hd], written
     into one buffer of the largest tile (at most half of x, plus one query block's selection) that every tile of
@@ -204,18 +204,17 @@ class Gather:
         return g.view(n, -1, Hkv, hd).transpose(1, 2)
 
 
-def _merge(o_a, lse_a, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge_(o_a, lse_a, o_b, lse_b) -> None:
     """Softmax attention of rows over two disjoint key sets from each one's output o [n, L, H, hd] and lse
-    [n, H, L] (-inf: no key): o = (e^lse_a o_a + e^lse_b o_b) / (e^lse_a + e^lse_b), i.e. o_a + w (o_b - o_a) with
-    w = e^(lse_b - lse), lse = log(e^lse_a + e^lse_b)."""
+    [n, H, L] (-inf: no key), written into o_a and lse_a: o = (e^lse_a o_a + e^lse_b o_b) / (e^lse_a + e^lse_b),
+    i.e. o_a + w (o_b - o_a) with w = e^(lse_b - lse), lse = log(e^lse_a + e^lse_b)."""
     lse = torch.logaddexp(lse_a, lse_b)
     w = torch.exp(lse_b - lse).transpose(1, 2)[..., None]  # [n, L, H, 1]
-    return torch.lerp(o_a.to(w.dtype), o_b.to(w.dtype), w).to(o_a.dtype), lse
-
-
-def _flat(blocks, rows, nqb: int, nkb: int) -> torch.Tensor:
-    """The tile's key blocks [n, S'] of its rows' batches -> indices [n·S'] into the B·nkb blocks."""
-    return (blocks + (rows // nqb)[:, None] * nkb).flatten()
+    if o_a.dtype == w.dtype:
+        o_a.lerp_(o_b, w)
+    else:  # in float32 at least
+        o_a.copy_(torch.lerp(o_a.to(w.dtype), o_b.to(w.dtype), w))
+    lse_a.copy_(lse)
 
 
 class BlockSparseAttention(torch.autograd.Function):
@@ -232,19 +231,18 @@ class BlockSparseAttention(torch.autograd.Function):
         gather_k, gather_v = Gather(kb, parts, bound), Gather(vb, parts, bound)
         for part in parts:
             own = part.kind == "own"  # the rows' earlier slots ran first: merge the two softmaxes by their lse
-            for rows, run, blocks, used, tm in tiles_of(part, bound):
+            for rows, run, blocks, used, tm, flat in tiles_of(part, bound):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype)
-                flat = _flat(blocks, rows, nqb, nkb)
                 qt, kg, vg = _take(q4, rows, run).transpose(1, 2), gather_k(flat, len(rows)), gather_v(flat, len(rows))
-                if run and not own:  # written in place
-                    tile_attention(qt, kg, vg, mask, scale, out=(out[run].transpose(1, 2), lse[run]))
-                    continue
-                o, lse_t = tile_attention(qt, kg, vg, mask, scale, causal=own)  # [n, H, qbs, hd], [n, H, qbs]
-                o = o.transpose(1, 2)
+                o_a, lse_a = _take(out, rows, run), _take(lse, rows, run)  # views if the rows are consecutive
                 if own:
-                    o, lse_t = _merge(_take(out, rows, run), _take(lse, rows, run), o, lse_t)
-                _put(out, rows, run, o)
-                _put(lse, rows, run, lse_t)
+                    o, lse_t = tile_attention(qt, kg, vg, None, scale, causal=True)  # [n, H, qbs, hd], [n, H, qbs]
+                    _merge_(o_a, lse_a, o.transpose(1, 2), lse_t)
+                else:
+                    tile_attention(qt, kg, vg, mask, scale, out=(o_a.transpose(1, 2), lse_a))
+                if not run:  # copies: put them back
+                    out.index_copy_(0, rows, o_a)
+                    lse.index_copy_(0, rows, lse_a)
         lse = torch.where(torch.isfinite(lse), lse, 0.0)  # a row that sees no key: any finite value
         out = out.view(B, Tq, H, hd)
         ctx.save_for_backward(q, k, v, out, lse, key_ok)
@@ -266,9 +264,8 @@ class BlockSparseAttention(torch.autograd.Function):
         gather_k, gather_v = Gather(kb, ctx.parts, bound), Gather(vb, ctx.parts, bound)
         for part in ctx.parts:
             own = part.kind == "own"  # adds to the dq of the rows' earlier slots, which ran first
-            for rows, run, blocks, used, tm in tiles_of(part, bound):
+            for rows, run, blocks, used, tm, flat in tiles_of(part, bound):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, ctx.causal, q.dtype)
-                flat = _flat(blocks, rows, nqb, nkb)
                 dqt, dkt, dvt = tile_attention_backward(
                     *(_take(x, rows, run).transpose(1, 2) for x in (do4, q4)),
                     gather_k(flat, len(rows)),
@@ -283,7 +280,7 @@ class BlockSparseAttention(torch.autograd.Function):
                 if own:
                     dq.index_add_(0, rows, dqt.transpose(1, 2).to(dq.dtype))
                 elif not run:
-                    _put(dq, rows, run, dqt.transpose(1, 2))
+                    dq.index_copy_(0, rows, dqt.transpose(1, 2).to(dq.dtype))
                 n, S = blocks.shape
                 dk.index_add_(0, flat, dkt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dk.dtype))
                 dv.index_add_(0, flat, dvt.transpose(1, 2).reshape(n * S, bs, Hkv, hd).to(dv.dtype))

@@ -284,7 +284,7 @@ def test_tiles_hold_at_most_half_of_k_in_keys_and_a_quarter_per_query_side_tenso
     bound = TileBound(T, bs, bs * H // Hkv)
     sizes = {p.kind: [] for p in parts}
     for part in parts:
-        for tile_rows, _, blocks, _, _ in tiles_of(part, bound):
+        for tile_rows, _, blocks, _, _, _ in tiles_of(part, bound):
             sizes[part.kind].append(len(tile_rows))
             assert len(tile_rows) * blocks.shape[1] * bs <= max(T // 2, blocks.shape[1] * bs)
             assert len(tile_rows) * bound.q_keys <= max(T // 4, bound.q_keys)
