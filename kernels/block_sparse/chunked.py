@@ -4,15 +4,17 @@ Each query block attends, in one tile, to the key blocks it selected: those bloc
 the selected rows of K and V, made a few query blocks at a time so that it stays under half the size of K) and
 the tile runs through ``tiles.tile_attention``, PyTorch's fused flash-attention kernel on CPU (q read in place
 with one key/value head per query head, else the query heads of a group stacked as the rows of their key/value
-head, never K or V repeated). The query blocks are first sorted into kinds by the mask their tile
-needs (``plan``), so that the common cases build no mask at all:
+head, never K or V repeated; the results of consecutive query blocks written straight into place). The query
+blocks are first sorted into kinds by the mask their tile needs (``plan``), so that the common cases build no
+mask at all:
 
 * ``none``: no masked key and, under a causal mask, every selected key before the block's first query (the
   tiles group query blocks that selected the same number of blocks, so that no slot is left unused);
 * ``own`` (causal): when the last selected blocks are the block's own keys in order (key blocks tile the query
-  block) and the others come before it, the earlier blocks are a ``none`` tile and the own keys a tile of their
-  own with one triangular mask, run after it and merged by log-sum-exp (``_merge``): the fused kernel reads and
-  adds a mask for every key of a tile, so the long tile is left without one;
+  block) and the others come before it, the earlier blocks are a ``none`` tile and the own keys a square tile
+  of their own under the fused kernel's causal flag (no mask, no stacked rows), run after it and merged into it
+  in place by log-sum-exp (``_merge_``): the fused kernel reads and adds a mask for every key of a tile, so the
+  long tile is left without one;
 * ``keys``: a per-key mask (unused slots, padded or ``key_mask``-ed keys), shared by the rows of a tile;
 * ``full``: a per-(query, key) mask (a per-token mask, selections that fit neither pattern above).
 
