@@ -12,9 +12,9 @@ mask at all:
   tiles group query blocks that selected the same number of blocks, so that no slot is left unused);
 * ``own`` (causal): when the last selected blocks are the block's own keys in order (key blocks tile the query
   block) and the others come before it, the earlier blocks are a ``none`` tile and the own keys a square tile
-  of their own under the fused kernel's causal flag (no mask, no stacked rows), run after it and merged into it
-  in place by log-sum-exp (``_merge_``): the fused kernel reads and adds a mask for every key of a tile, so the
-  long tile is left without one;
+  of their own (forward: one triangular mask; backward: the fused kernel's causal flag, no mask, no stacked
+  rows), run after it and merged into it in place by log-sum-exp (``_merge_``): the fused kernel reads and adds a
+  mask for every key of a tile, so the long tile is left without one;
 * ``keys``: a per-key mask (unused slots, padded or ``key_mask``-ed keys), shared by the rows of a tile;
 * ``full``: a per-(query, key) mask (a per-token mask, selections that fit neither pattern above).
 
@@ -185,6 +185,11 @@ def _take(x, rows, run):
     return x[run] if run else x.index_select(0, rows)
 
 
+def _triangle(n: int, qbs: int, q) -> torch.Tensor:
+    """The additive causal mask of ``n`` own tiles, [n, 1, qbs, qbs] (one triangle expanded)."""
+    return bias_of(torch.ones(qbs, qbs, dtype=torch.bool, device=q.device).tril()[None], q.dtype).expand(n, -1, -1, -1)
+
+
 class Gather:
     """Copies of the key blocks of one tile at a time, x [B·nkb, bs, Hkv, hd] -> [n, Hkv, S'·bs, hd], written
     into one buffer of the largest tile (at most half of x, plus one query block's selection) that every tile of
@@ -237,8 +242,8 @@ class BlockSparseAttention(torch.autograd.Function):
                 mask = tile_mask(part.kind, rows, blocks, used, tm, key_ok, qbs, nqb, causal, q.dtype)
                 qt, kg, vg = _take(q4, rows, run).transpose(1, 2), gather_k(flat, len(rows)), gather_v(flat, len(rows))
                 o_a, lse_a = _take(out, rows, run), _take(lse, rows, run)  # views if the rows are consecutive
-                if own:
-                    o, lse_t = tile_attention(qt, kg, vg, None, scale, causal=True)  # [n, H, qbs, hd], [n, H, qbs]
+                if own:  # the triangle as a mask: the kernel's causal flag rounds the logits of SmolLM2 past 1e-4
+                    o, lse_t = tile_attention(qt, kg, vg, _triangle(len(rows), qbs, q), scale)  # [n, H, qbs, hd]
                     _merge_(o_a, lse_a, o.transpose(1, 2), lse_t)
                 else:
                     tile_attention(qt, kg, vg, mask, scale, out=(o_a.transpose(1, 2), lse_a))
