@@ -153,11 +153,11 @@ def tiles_of(part: Rows, bound: TileBound):
 
 
 def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: int, causal: bool, dtype):
-    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs], or None (kind ``none``)."""
+    """The additive mask of one tile, broadcastable to [n, H, qbs, S'·bs], or None (kinds ``none`` and ``own``)."""
     n, S = blocks.shape
     nkb, bs = key_ok.shape[1:]
     dev = blocks.device
-    if kind in ("none", "own"):  # own: the tile's causal triangle is the fused kernel's own
+    if kind in ("none", "own"):  # own: its triangle is built by the forward (``_triangle``), the backward's causal flag
         return None
     batch = rows // nqb
     seen = (key_ok[batch[:, None], blocks] & used[..., None]).view(n, 1, S * bs)  # [n, 1, S'·bs]

@@ -40,24 +40,25 @@ def bias_of(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, NEG_INF)[:, None]
 
 
-def tile_attention(q, k, v, bias, scale: float, *, causal: bool = False, out=None):
+def tile_attention(q, k, v, bias, scale: float, *, out=None):
     """softmax(q kᵀ · scale + bias) v per tile -> (o [n, h, L, hd] in q's dtype, lse [n, h, L] in float32 or
-    wider). ``causal``: square tiles (L = S) in which query i sees keys 0..i, with no bias (a block's own keys;
-    the fused kernel skips the masked half and needs no stacked rows). ``out``: views (o, lse) of those shapes
-    the results are written into and returned (one copy fewer than copying the returned tensors)."""
+    wider). ``out``: views (o, lse) of those shapes the results are written into and returned (one copy fewer
+    than copying the returned tensors)."""
     o_out, lse_out = (None, None) if out is None else out
     if q.device.type == "cpu":
-        rep = _rep(q, k, bias, causal)
-        o, lse = _FORWARD(stack_heads(q, rep), k, v, 0.0, causal, attn_mask=_stack_bias(bias, rep), scale=scale)[:2]
+        rep = q.shape[1] // k.shape[1]
+        o, lse = _FORWARD(stack_heads(q, rep), k, v, 0.0, False, attn_mask=_stack_bias(bias, rep), scale=scale)[:2]
         return unstack_heads(o, rep, o_out), unstack_heads(lse, rep, lse_out)
-    o, lse = plain_attention(q, k, v, _causal_bias(q, k, bias) if causal else bias, scale)
+    o, lse = plain_attention(q, k, v, bias, scale)
     return (o, lse) if out is None else (o_out.copy_(o), lse_out.copy_(lse))
 
 
 def tile_attention_backward(dout, q, k, v, out, lse, bias, scale: float, *, causal: bool = False, dq_out=None):
     """dq, dk, dv of one tile batch, from the final output ``out`` and ``lse`` of its rows ([n, h, L, hd] and
-    [n, h, L]; lse finite: for a row that sees no key of the tile any value, it contributes nothing). ``causal``
-    as in ``tile_attention``; ``dq_out``: a view [n, h, L, hd] dq is written into and returned."""
+    [n, h, L]; lse finite: for a row that sees no key of the tile any value, it contributes nothing). ``causal``:
+    square tiles (L = S) in which query i sees keys 0..i, with no bias (a block's own keys: the fused kernel's
+    causal flag, grouped-query heads read in place, no stacked rows); ``dq_out``: a view [n, h, L, hd] dq is
+    written into and returned."""
     if q.device.type == "cpu":
         rep = _rep(q, k, bias, causal)
         dout, q, out, lse = (stack_heads(x, rep) for x in (dout, q, out, lse))
@@ -124,7 +125,7 @@ def plain_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
 
 
 def _rep(q, k, bias, causal: bool) -> int:
-    """How many query heads the fused kernel's call stacks per row: none for a causal tile (the kernel's own
+    """How many query heads the fused backward's call stacks per row: none for a causal tile (the kernel's own
     causal mask is per row, and it reads grouped-query heads in place), else the group size."""
     if not causal:
         return q.shape[1] // k.shape[1]

@@ -185,40 +185,41 @@ def test_tile_attention_fused_and_plain_match_a_float64_reference(h, hkv, shared
 
 @pytest.mark.parametrize("h, hkv", [(2, 2), (6, 2)])
 def test_causal_tiles_and_writing_into_strided_views_match_a_float64_reference(h, hkv):
-    """``causal=True`` (square tiles, query i sees keys 0..i: the fused kernel's own mask, grouped-query heads
-    read in place, as a block's own keys run) and results written through ``out`` / ``dq_out`` into views of a
-    [n, L, h, hd] buffer (the layout the query-block tiling writes in place) against autograd on a float64
-    transcription; a non-square causal tile is refused."""
+    """The backward of ``causal=True`` tiles (square, query i sees keys 0..i: the fused kernel's own mask,
+    grouped-query heads read in place, as a block's own keys run) and results written through ``out`` /
+    ``dq_out`` into views of a [n, L, h, hd] buffer (the layout the query-block tiling writes in place) against
+    autograd on a float64 transcription; a non-square causal tile is refused."""
     g = torch.Generator().manual_seed(11)
     n, L, hd, scale = 3, 9, 8, 0.3
     q = torch.randn(n, h, L, hd, generator=g, dtype=torch.float64)
     k, v = (torch.randn(n, hkv, L, hd, generator=g, dtype=torch.float64) for _ in "kv")
     q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
     s = (q64 @ k64.repeat_interleave(h // hkv, 1).transpose(-1, -2)) * scale
-    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-    ref, ref_lse = torch.softmax(s, -1) @ v64.repeat_interleave(h // hkv, 1), torch.logsumexp(s.detach(), -1)
+    causal = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
     dout = torch.randn(n, h, L, hd, generator=g, dtype=torch.float64)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
-    out, lse = tile_attention(q, k, v, None, scale, causal=True)
-    torch.testing.assert_close(out, ref.detach())
-    torch.testing.assert_close(lse, ref_lse)
-    for a, b in zip(tile_attention_backward(dout, q, k, v, out, lse, None, scale, causal=True), ref_grads):
-        torch.testing.assert_close(a, b)
-    # unmasked tiles written into strided views (stacked rows unstacked straight into place)
-    ref_full = torch.softmax((q @ k.repeat_interleave(h // hkv, 1).transpose(-1, -2)) * scale, -1)
-    o_buf = torch.full((n, L, h, hd), float("nan"), dtype=torch.float64)
-    lse_buf = torch.full((n, h, L), float("nan"), dtype=torch.float64)
-    got, got_lse = tile_attention(q, k, v, None, scale, out=(o_buf.transpose(1, 2), lse_buf))
-    assert got.data_ptr() == o_buf.data_ptr() and got_lse is lse_buf
-    torch.testing.assert_close(o_buf.transpose(1, 2), ref_full @ v.repeat_interleave(h // hkv, 1))
-    dq_buf = torch.full((n, L, h, hd), float("nan"), dtype=torch.float64)
-    dq, *_ = tile_attention_backward(dout, q, k, v, got, got_lse, None, scale, dq_out=dq_buf.transpose(1, 2))
-    assert dq.data_ptr() == dq_buf.data_ptr()
-    torch.testing.assert_close(
-        dq_buf.transpose(1, 2), tile_attention_backward(dout, q, k, v, got, got_lse, None, scale)[0]
-    )
+    for masked in (causal, s):
+        ref, ref_lse = torch.softmax(masked, -1) @ v64.repeat_interleave(h // hkv, 1), torch.logsumexp(masked, -1)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+        o_buf = torch.full((n, L, h, hd), float("nan"), dtype=torch.float64)
+        lse_buf = torch.full((n, h, L), float("nan"), dtype=torch.float64)
+        bias = (
+            None
+            if masked is s
+            else torch.zeros(1, 1, L, L, dtype=torch.float64).masked_fill(causal[:1, :1].isinf(), float("-inf"))
+        )
+        got, got_lse = tile_attention(q, k, v, bias, scale, out=(o_buf.transpose(1, 2), lse_buf))
+        assert got.data_ptr() == o_buf.data_ptr() and got_lse is lse_buf
+        torch.testing.assert_close(o_buf.transpose(1, 2), ref.detach())
+        torch.testing.assert_close(lse_buf, ref_lse.detach())
+        dq_buf = torch.full((n, L, h, hd), float("nan"), dtype=torch.float64)
+        grads = tile_attention_backward(
+            dout, q, k, v, got, got_lse, None, scale, causal=masked is causal, dq_out=dq_buf.transpose(1, 2)
+        )
+        assert grads[0].data_ptr() == dq_buf.data_ptr()
+        for a, b in zip((dq_buf.transpose(1, 2), *grads[1:]), ref_grads):
+            torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="square"):
-        tile_attention(q, k[:, :, :-1], v[:, :, :-1], None, scale, causal=True)
+        tile_attention_backward(dout, q, k[:, :, :-1], v[:, :, :-1], got, got_lse, None, scale, causal=True)
 
 
 def test_stack_heads_puts_each_query_of_a_group_on_consecutive_rows():
