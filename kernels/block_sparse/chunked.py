@@ -33,7 +33,7 @@ import dataclasses
 
 import torch
 
-from .tiles import NEG_INF, bias_of, tile_attention, tile_attention_backward, visible
+from .tiles import NEG_INF, bias_of, causal_bias, tile_attention, tile_attention_backward, visible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,7 @@ def tile_mask(kind: str, rows, blocks, used, token_mask, key_ok, qbs: int, nqb: 
     n, S = blocks.shape
     nkb, bs = key_ok.shape[1:]
     dev = blocks.device
-    if kind in ("none", "own"):  # own: its triangle is built by the forward (``_triangle``), the backward's causal flag
+    if kind in ("none", "own"):  # own: the forward's ``causal_bias``, the backward's causal flag
         return None
     batch = rows // nqb
     seen = (key_ok[batch[:, None], blocks] & used[..., None]).view(n, 1, S * bs)  # [n, 1, S'·bs]
@@ -183,11 +183,6 @@ def _run(rows) -> slice | None:
 def _take(x, rows, run):
     """x [N, ...] at rows [n] (a view when the rows are consecutive: ``run``)."""
     return x[run] if run else x.index_select(0, rows)
-
-
-def _triangle(n: int, qbs: int, q) -> torch.Tensor:
-    """The additive causal mask of ``n`` own tiles, [n, 1, qbs, qbs] (one triangle expanded)."""
-    return bias_of(torch.ones(qbs, qbs, dtype=torch.bool, device=q.device).tril()[None], q.dtype).expand(n, -1, -1, -1)
 
 
 class Gather:
@@ -243,7 +238,8 @@ class BlockSparseAttention(torch.autograd.Function):
                 qt, kg, vg = _take(q4, rows, run).transpose(1, 2), gather_k(flat, len(rows)), gather_v(flat, len(rows))
                 o_a, lse_a = _take(out, rows, run), _take(lse, rows, run)  # views if the rows are consecutive
                 if own:  # the triangle as a mask: the kernel's causal flag rounds the logits of SmolLM2 past 1e-4
-                    o, lse_t = tile_attention(qt, kg, vg, _triangle(len(rows), qbs, q), scale)  # [n, H, qbs, hd]
+                    tri = causal_bias(qbs, q.dtype, q.device).expand(len(rows), -1, -1, -1)
+                    o, lse_t = tile_attention(qt, kg, vg, tri, scale)  # [n, H, qbs, hd], [n, H, qbs]
                     _merge_(o_a, lse_a, o.transpose(1, 2), lse_t)
                 else:
                     tile_attention(qt, kg, vg, mask, scale, out=(o_a.transpose(1, 2), lse_a))

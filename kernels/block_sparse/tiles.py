@@ -59,13 +59,17 @@ def tile_attention_backward(dout, q, k, v, out, lse, bias, scale: float, *, caus
     square tiles (L = S) in which query i sees keys 0..i, with no bias (a block's own keys: the fused kernel's
     causal flag, grouped-query heads read in place, no stacked rows); ``dq_out``: a view [n, h, L, hd] dq is
     written into and returned."""
+    if causal and (q.shape[2] != k.shape[2] or bias is not None):
+        raise ValueError(f"a causal tile is square with no bias; got {q.shape[2]} queries, {k.shape[2]} keys")
     if q.device.type == "cpu":
-        rep = _rep(q, k, bias, causal)
+        rep = 1 if causal else q.shape[1] // k.shape[1]  # the kernel's causal flag is per row: heads read in place
         dout, q, out, lse = (stack_heads(x, rep) for x in (dout, q, out, lse))
         mask = _stack_bias(bias, rep)
         dq, dk, dv = _BACKWARD(dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
         return unstack_heads(dq, rep, dq_out), dk, dv
-    dq, dk, dv = plain_attention_backward(dout, q, k, v, out, lse, _causal_bias(q, k, bias) if causal else bias, scale)
+    dq, dk, dv = plain_attention_backward(
+        dout, q, k, v, out, lse, causal_bias(q.shape[2], q.dtype, q.device) if causal else bias, scale
+    )
     return (dq if dq_out is None else dq_out.copy_(dq)), dk, dv
 
 
@@ -124,21 +128,9 @@ def plain_attention_backward(dout, q, k, v, out, lse, bias, scale: float):
     return dq, dk, dv
 
 
-def _rep(q, k, bias, causal: bool) -> int:
-    """How many query heads the fused backward's call stacks per row: none for a causal tile (the kernel's own
-    causal mask is per row, and it reads grouped-query heads in place), else the group size."""
-    if not causal:
-        return q.shape[1] // k.shape[1]
-    if q.shape[2] != k.shape[2] or bias is not None:
-        raise ValueError(f"a causal tile is square with no bias; got {q.shape[2]} queries, {k.shape[2]} keys")
-    return 1
-
-
-def _causal_bias(q, k, bias) -> torch.Tensor:
-    """The bias of a causal square tile: 0 on and below the diagonal, -inf above."""
-    _rep(q, k, bias, True)
-    L = q.shape[2]
-    return bias_of(torch.ones(L, L, dtype=torch.bool, device=q.device).tril()[None], q.dtype)
+def causal_bias(L: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The bias [1, 1, L, L] of a causal square tile: 0 on and below the diagonal, -inf above."""
+    return bias_of(torch.ones(L, L, dtype=torch.bool, device=device).tril()[None], dtype)
 
 
 def _scores(q, k, bias, scale: float) -> torch.Tensor:
